@@ -1,0 +1,90 @@
+"""Prefect tasks around the pipeline steps: ingest and register run in-process, the DVC
+stages run through ``dvc repro --single-item`` so dvc.lock is written exactly as by
+``dvc repro``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, get_run_logger, task
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from tasks.common import DVC_STAGES, ERROR_PREFIX, PipelineError, Workspace
+from tasks.config import load_params
+from tasks.ingest import run_ingest
+from tasks.register import run_register
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message is the stage's own."""
+
+
+def is_transient(_task: Task, _run: TaskRun, state: State) -> bool:
+    """Retry IO hiccups, never a problem the user has to fix (retrying cannot help)."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, PipelineError | StageFailed)
+
+
+IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": is_transient}
+
+
+@task(name="ingest", **IO_RETRIES)
+def ingest(workspace: str) -> dict[str, Any]:
+    ws = Workspace(Path(workspace))
+    result = run_ingest(load_params(ws.params), ws)
+    logger = get_run_logger()
+    logger.info("ingested %s; already present: %s", result.ingested or "nothing new", result.skipped or "none")
+    return {"ingested": result.ingested, "skipped": result.skipped, "data_hash": result.data_hash}
+
+
+def stage_failure_message(stage: str, output: list[str], returncode: int) -> str:
+    """The stage's own one-line error when it printed one, else DVC's last words."""
+    own = [line.strip() for line in output if line.startswith(ERROR_PREFIX)]
+    if own:
+        return own[-1].removeprefix(ERROR_PREFIX)
+    tail = [line.strip() for line in output if line.strip()][-3:]
+    return f"{stage}: exited with {returncode}: {' | '.join(tail)}"
+
+
+def dvc_stage_env() -> dict[str, str]:
+    """Stage commands say ``python``: make that the interpreter running this flow."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_dvc_stage(stage: str, workspace: str) -> dict[str, Any]:
+    """``dvc repro --single-item <stage>``, streaming its output into the Prefect log."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    output: list[str] = []
+    with subprocess.Popen(
+        cmd, cwd=workspace, env=dvc_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line.rstrip("\n"))
+            if line.strip():
+                logger.info(line.rstrip())
+    if proc.returncode != 0:
+        raise StageFailed(stage_failure_message(stage, output, proc.returncode))
+    skipped = any(f"Stage '{stage}' didn't change, skipping" in line for line in output)
+    return {"stage": stage, "ran": not skipped}
+
+
+#: One Prefect task per DVC stage, named as the stage. No retries: a stage failure is
+#: deterministic (bad data, bad params, a bug), and a retry would only repeat it.
+STAGE_TASKS: dict[str, Task] = {stage: task(run_dvc_stage, name=stage, task_run_name=stage) for stage in DVC_STAGES}
+
+
+@task(name="register", **IO_RETRIES)
+def register(workspace: str) -> dict[str, Any]:
+    ws = Workspace(Path(workspace))
+    return asdict(run_register(load_params(ws.params), ws))

@@ -1,0 +1,113 @@
+"""Small helpers shared by every stage: errors, workspace paths, hashing, JSON and the CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ctl")
+
+#: The stages defined in dvc.yaml, in pipeline order. Same names as params.yaml sections,
+#: tasks/<name>.py modules and Prefect task names.
+DVC_STAGES: tuple[str, ...] = ("validate", "prepare", "train", "evaluate")
+
+#: Prefix of the one-line message a stage prints on a user-facing failure; the flow looks
+#: for it in the stage's output so a failed run shows the stage's own words.
+ERROR_PREFIX = "error: "
+
+
+class PipelineError(Exception):
+    """A problem with the inputs or configuration that a user must fix (not a bug)."""
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The paths of a pipeline workspace (a git + DVC repository). dvc.yaml names the same paths."""
+
+    root: Path
+
+    @property
+    def landing(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def benchmark(self) -> Path:
+        return self.root / "data" / "benchmark"
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "reports" / "evaluation"
+
+    @property
+    def cache(self) -> Path:
+        """Scratch space outside DVC outputs (DVC deletes outputs before a stage runs)."""
+        return self.root / ".cache"
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_lines(lines: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically so a crash never leaves a half-written report behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def setup_cli_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run_cli(stage: str, fn: Callable[[], object]) -> None:
+    """Run a stage's ``main`` body: user errors become one line on stderr and exit code 2."""
+    setup_cli_logging()
+    try:
+        fn()
+    except PipelineError as exc:
+        print(f"{ERROR_PREFIX}{stage}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,150 @@
+"""params.yaml parsed into typed models. Unknown keys fail at load with the key's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.common import PipelineError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(_Strict):
+    landing_dir: str = "landing"
+    image_extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+
+class ValidateConfig(_Strict):
+    max_image_side: Annotated[int, Field(gt=0)] = 4096
+    min_images_per_class: Annotated[int, Field(ge=0)] = 1
+
+
+class PrepareConfig(_Strict):
+    #: Side of the square uint8 images stored for training. Native size is kept when equal.
+    image_size: Annotated[int, Field(gt=0)] = 28
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    #: Changing the salt reshuffles every split; leave it alone unless you mean that.
+    split_salt: str = ""
+
+
+class AugmentConfig(_Strict):
+    hflip: bool = True
+    #: Random translation by up to this many pixels of the model's input (padding + crop).
+    translate: Annotated[int, Field(ge=0)] = 4
+
+
+Strategy = Literal["feature_extraction", "partial", "fine_tune"]
+
+
+class TrainConfig(_Strict):
+    backbone: str = "tf_efficientnet_lite0"
+    #: packaged | hub | none | a path to a .pth / .safetensors state_dict
+    weights: str = "packaged"
+    strategy: Strategy = "partial"
+    #: For ``partial``: how many of the backbone's stages (stem first) stay frozen.
+    frozen_stages: Annotated[int, Field(ge=0)] = 2
+    #: Epochs that train only the new head before the strategy's layers are unfrozen.
+    head_warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    epochs: Annotated[int, Field(ge=1)] = 3
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    lr: Annotated[float, Field(gt=0)] = 2e-3
+    #: Learning rate multiplier for pretrained layers (``fine_tune`` and ``partial``).
+    backbone_lr_mult: Annotated[float, Field(gt=0, le=1)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    drop_rate: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    #: Model input side; null takes the backbone's pretrained input size.
+    image_size: Annotated[int, Field(gt=0)] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: CPU threads; null lets torch decide.
+    num_threads: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 42
+    augment: AugmentConfig = AugmentConfig()
+
+
+class EvaluateConfig(_Strict):
+    batch_size: Annotated[int, Field(ge=1)] = 512
+    #: Also score the fixed benchmark set in data/benchmark when it holds one.
+    benchmark: bool = True
+
+
+class RegisterConfig(_Strict):
+    model_name: str = "image-classifier"
+    experiment: str = "continuous-transfer-learning"
+    #: Absolute floors a version must meet to become the first champion.
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.8
+    min_macro_f1: Annotated[float, Field(ge=0, le=1)] = 0.8
+
+
+class PipelineConfig(_Strict):
+    """The whole params.yaml. ``validate`` and ``register`` clash with pydantic's own
+    attributes, so they are read through aliases and reached as ``cfg.validate_`` and
+    ``cfg.register_``."""
+
+    #: The label set. A label outside it is rejected; a new class needs a change here.
+    classes: tuple[str, ...]
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    prepare: PrepareConfig = PrepareConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) < 2:
+            raise ValueError(f"need at least 2 classes, got {list(value)}")
+        dupes = sorted({c for c in value if value.count(c) > 1})
+        if dupes:
+            raise ValueError(f"duplicate class names {dupes}")
+        blank = [c for c in value if not c.strip() or c != c.strip()]
+        if blank:
+            raise ValueError(f"blank or padded class names {blank}")
+        return value
+
+
+def _format_error(err: dict, model: type[BaseModel]) -> str:
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, err["loc"][:-1])
+        return f"unknown key '{where}'; allowed: {', '.join(allowed)}"
+    return f"'{where}': {err['msg']} (got {err.get('input')!r})"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        fields = {(f.alias or name): f for name, f in model.model_fields.items()}
+        field = fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return sorted((f.alias or name) for name, f in model.model_fields.items())
+
+
+def parse_params(data: object, source: str = "params.yaml") -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise PipelineError(f"{source}: expected a mapping at top level, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_format_error(e, PipelineConfig) for e in exc.errors())
+        raise PipelineError(f"{source}: {problems}") from None
+
+
+def load_params(path: Path | str = "params.yaml") -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(data, str(path))

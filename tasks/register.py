@@ -1,0 +1,222 @@
+"""register: log the evaluated model to MLflow, register a version with its lineage, set aliases.
+
+Not a DVC stage: the registry is live state, not a reproducible output. Every new version
+gets the ``challenger`` alias; the first version that meets the absolute floors in params
+becomes ``champion`` (the champion-vs-challenger gate decides later promotions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.common import PipelineError, Workspace, read_json, run_cli
+from tasks.config import PipelineConfig, RegisterConfig, load_params
+from tasks.ingest import dvc_data_hash
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+# ---------------------------------------------------------------- pure cores
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """Nested params as MLflow keys: ``train.augment.hflip``."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return out
+    if isinstance(value, list | tuple):
+        return {prefix: ",".join(str(v) for v in value)}
+    return {prefix: value}
+
+
+def meets_floors(metrics: dict[str, float], cfg: RegisterConfig) -> tuple[bool, list[str]]:
+    """Whether test metrics reach the absolute floors, and which ones fall short."""
+    failures = []
+    for key, floor in (("accuracy", cfg.min_accuracy), ("macro_f1", cfg.min_macro_f1)):
+        value = metrics.get(key)
+        if value is None or value < floor:
+            failures.append(f"{key} {value if value is None else round(value, 4)} < {floor}")
+    return not failures, failures
+
+
+def params_hash(cfg: PipelineConfig) -> str:
+    canonical = json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- IO
+
+
+def tracking_uri(ws: Workspace) -> str:
+    """MLFLOW_TRACKING_URI when set, else a SQLite file in the workspace."""
+    return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{(ws.root / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def _git(ws: Workspace, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=ws.root, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def collect_lineage(cfg: PipelineConfig, ws: Workspace) -> dict[str, str]:
+    lock = ws.root / "dvc.lock"
+    validation = read_json(ws.reports / "validate.json")
+    dirty = _git(ws, "status", "--porcelain", "--untracked-files=no", "--", "tasks", "flows", "dvc.yaml")
+    return {
+        "git_commit": _git(ws, "rev-parse", "HEAD") or "none",
+        "git_dirty": str(bool(dirty)).lower(),
+        "dvc_data_hash": dvc_data_hash(ws.raw.with_suffix(".dvc")) or "none",
+        "dvc_lock_hash": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none",
+        "params_hash": params_hash(cfg),
+        "batch_ids": ",".join(validation["batches"]),
+        "n_images": str(validation["n_images"]),
+    }
+
+
+def check_outputs_current(ws: Workspace) -> None:
+    """Refuse to register a model that dvc.lock does not vouch for (stale or hand-edited)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=ws.root, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise PipelineError(f"dvc status failed: {proc.stderr.strip().splitlines()[-1:]}")
+    stale = json.loads(proc.stdout or "{}")
+    if stale:
+        raise PipelineError(f"pipeline outputs are not current (dvc status: {sorted(stale)}); run `dvc repro` first")
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    model_name: str
+    version: str
+    run_id: str
+    aliases: tuple[str, ...]
+    tracking_uri: str
+    created: bool
+
+
+def _ensure_experiment(client: Any, name: str, ws: Workspace, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///") and TRACKING_URI_ENV not in os.environ:
+        artifacts = (ws.root / "mlflow" / "artifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def _existing_version(client: Any, name: str, lock_hash: str) -> Any | None:
+    for version in client.search_model_versions(f"name='{name}'"):
+        if version.tags.get("dvc_lock_hash") == lock_hash:
+            return version
+    return None
+
+
+def _log_run(cfg: PipelineConfig, ws: Workspace, experiment_id: str, lineage: dict[str, str]) -> tuple[str, str]:
+    """An MLflow run with params, metrics, reports and the model; returns (run id, model uri)."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from tasks.model import load_model
+
+    model, _ = load_model(ws.models)
+    metrics = read_json(ws.reports / "metrics.json")
+    train = read_json(ws.reports / "train.json")
+    size = int(np.load(ws.prepared / "test_images.npy", mmap_mode="r").shape[1])
+    example = np.zeros((2, size, size, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"retrain-{lineage['dvc_data_hash'][:8]}") as run:
+        mlflow.log_params(flatten("", cfg.model_dump(mode="json", by_alias=True)))
+        mlflow.log_metrics({f"{split}_{k}": float(v) for split, m in metrics.items() for k, v in m.items()})
+        mlflow.log_metrics({f"train_{k}": float(v) for k, v in train.items() if isinstance(v, int | float)})
+        mlflow.set_tags(lineage)
+        mlflow.log_artifacts(str(ws.evaluation), "evaluation")
+        for path in (ws.reports / "train_history.csv", ws.reports / "validate.json", ws.params, ws.root / "dvc.lock"):
+            if path.is_file():
+                mlflow.log_artifact(str(path), "pipeline")
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            code_paths=[str(Path(__file__).resolve().parent)],
+            pip_requirements=_requirements(),
+        )
+    return run.info.run_id, info.model_uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "timm", "numpy", "safetensors")]
+
+
+def run_register(cfg: PipelineConfig, ws: Workspace) -> RegisterResult:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    for needed in (ws.models / "model.json", ws.reports / "metrics.json", ws.reports / "validate.json"):
+        if not needed.is_file():
+            raise PipelineError(f"missing {needed.relative_to(ws.root)}; run the pipeline (dvc repro) first")
+    check_outputs_current(ws)
+    rcfg = cfg.register_
+    uri = tracking_uri(ws)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    lineage = collect_lineage(cfg, ws)
+    existing = _existing_version(client, rcfg.model_name, lineage["dvc_lock_hash"])
+    if existing is not None:
+        log.info(
+            "version %s already holds this pipeline state (dvc.lock %s)",
+            existing.version,
+            lineage["dvc_lock_hash"][:12],
+        )
+        return RegisterResult(rcfg.model_name, existing.version, existing.run_id, tuple(existing.aliases), uri, False)
+    experiment_id = _ensure_experiment(client, rcfg.experiment, ws, uri)
+    run_id, model_uri = _log_run(cfg, ws, experiment_id, lineage)
+    version = mlflow.register_model(model_uri, rcfg.model_name, tags=lineage).version
+    client.set_registered_model_alias(rcfg.model_name, CHALLENGER, version)
+    aliases = [CHALLENGER]
+    test_metrics = read_json(ws.reports / "metrics.json").get("test", {})
+    try:
+        champion = client.get_model_version_by_alias(rcfg.model_name, CHAMPION).version
+    except MlflowException:
+        champion = None
+    if champion is None:
+        ok, failures = meets_floors(test_metrics, rcfg)
+        if ok:
+            client.set_registered_model_alias(rcfg.model_name, CHAMPION, version)
+            aliases.append(CHAMPION)
+        else:
+            client.set_model_version_tag(rcfg.model_name, version, "rejected_reason", "; ".join(failures))
+            log.warning("version %s is below the floors for a first champion: %s", version, "; ".join(failures))
+    log.info("registered %s version %s (%s)", rcfg.model_name, version, ", ".join(aliases))
+    return RegisterResult(rcfg.model_name, str(version), run_id, tuple(aliases), uri, True)
+
+
+def main() -> None:
+    ws = Workspace(Path.cwd())
+    run_cli("register", lambda: print(run_register(load_params(ws.params), ws)))
+
+
+if __name__ == "__main__":
+    main()
