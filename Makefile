@@ -1,0 +1,46 @@
+# Two commands do everything on a fresh machine:
+#   make demo   installs the stack and runs the pipeline on the embedded Fashion-MNIST default
+#   make test   installs the stack and runs the test suite (what CI runs)
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_LOGGING_LEVEL ?= INFO
+export DO_NOT_TRACK ?= 1
+export DVC_NO_ANALYTICS ?= 1
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: help uv setup data demo test lint format
+
+help:
+	@echo "make demo    install everything and run the pipeline on the embedded Fashion-MNIST default"
+	@echo "make test    install everything and run the test suite"
+	@echo "make lint    ruff check + format check"
+
+uv:
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
+	@$(UV) --version
+
+setup: uv
+	$(UV) sync --frozen
+
+# The demo's data: Debian's dataset-fashion-mnist when missing and we are root; otherwise
+# tasks.fashion_mnist explains how to get it (apt, or torchvision's download with internet).
+data:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing dataset-fashion-mnist (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi
+
+demo: setup data
+	$(UV) run python -m flows.demo
+
+test: setup
+	$(UV) run pytest
+
+lint: setup
+	$(UV) run ruff check . && $(UV) run ruff format --check .
+
+format: setup
+	$(UV) run ruff check --fix . && $(UV) run ruff format .
