@@ -299,6 +299,7 @@ def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
         # Check every new batch before copying any, so one bad batch ingests nothing.
         checked = {name: check_batch(name, hashed[name][0], cfg) for name in new}
         ws.raw.mkdir(parents=True, exist_ok=True)
+        ws.benchmark.mkdir(parents=True, exist_ok=True)  # a dvc.yaml dependency, even when left empty
         for name in new:
             count = _copy_batch(landing / name, checked[name], hashes[name], ws.raw)
             log.info("ingested batch %s: %d images", name, count)

@@ -190,7 +190,7 @@ def run_register(cfg: PipelineConfig, ws: Workspace) -> RegisterResult:
             existing.version,
             lineage["dvc_lock_hash"][:12],
         )
-        return RegisterResult(rcfg.model_name, existing.version, existing.run_id, tuple(existing.aliases), uri, False)
+        return RegisterResult(rcfg.model_name, str(existing.version), existing.run_id, tuple(existing.aliases), uri, False)
     experiment_id = _ensure_experiment(client, rcfg.experiment, ws, uri)
     run_id, model_uri = _log_run(cfg, ws, experiment_id, lineage)
     version = mlflow.register_model(model_uri, rcfg.model_name, tags=lineage).version

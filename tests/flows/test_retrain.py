@@ -1,0 +1,186 @@
+"""Integration: the retrain flow on the real stack (git + DVC repo, MLflow on SQLite,
+Prefect's test harness) with a few hundred generated images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from tests.helpers import dvc, make_workspace, tiny_params, write_batch
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def registry(ws: Path) -> MlflowClient:
+    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One full flow run shared by the assertions below (a run takes about a minute)."""
+    from flows.retrain import retrain
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        ws = make_workspace(tmp_path_factory.mktemp("flow") / "ws")
+        write_batch(ws / "landing" / "batch-001", 300, seed=1)
+        landing_before = tree_digest(ws / "landing")
+        result = retrain(workspace=str(ws))
+    return {"ws": ws, "result": result, "landing_before": landing_before}
+
+
+def test_flow_registers_first_champion_with_lineage(trained: dict) -> None:
+    ws, result = trained["ws"], trained["result"]
+    assert result["ingest"]["ingested"] == ["batch-001"]
+    assert [s["stage"] for s in result["stages"]] == ["validate", "prepare", "train", "evaluate"]
+    assert all(s["ran"] for s in result["stages"])
+    client = registry(ws)
+    champion = client.get_model_version_by_alias("tiny-classifier", "champion")
+    assert str(champion.version) == result["register"]["version"] == "1"
+    assert set(result["register"]["aliases"]) == {"challenger", "champion"}
+    tags = champion.tags
+    raw_md5 = yaml.safe_load((ws / "data" / "raw.dvc").read_text())["outs"][0]["md5"]
+    assert tags["dvc_data_hash"] == raw_md5
+    assert tags["dvc_lock_hash"] == hashlib.sha256((ws / "dvc.lock").read_bytes()).hexdigest()
+    assert tags["batch_ids"] == "batch-001"
+    assert tags["n_images"] == "300"
+    assert len(tags["git_commit"]) == 40
+    assert len(tags["params_hash"]) == 64
+    metrics = json.loads((ws / "reports" / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.6  # the floor it was promoted on
+
+
+def test_landing_zone_untouched(trained: dict) -> None:
+    assert tree_digest(trained["ws"] / "landing") == trained["landing_before"]
+
+
+def test_dvc_lock_written_and_second_repro_does_nothing(trained: dict) -> None:
+    ws = trained["ws"]
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"validate", "prepare", "train", "evaluate"}
+    before = (ws / "dvc.lock").read_bytes()
+    out = dvc(ws, "repro").stdout
+    for stage in ("validate", "prepare", "train", "evaluate"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
+    assert (ws / "dvc.lock").read_bytes() == before
+    assert "up to date" in dvc(ws, "status").stdout
+
+
+def test_champion_reloads_and_predicts_like_trained_model(trained: dict) -> None:
+    from tasks.model import load_model, predict_logits
+
+    ws = trained["ws"]
+    registry(ws)
+    served = mlflow.pytorch.load_model("models:/tiny-classifier@champion")
+    local, _ = load_model(ws / "models")
+    images = np.load(ws / "data" / "prepared" / "test_images.npy")
+    expected = predict_logits(local, images, 64, torch.device("cpu"))
+    with torch.inference_mode():
+        got = served(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-classifier@champion")
+    np.testing.assert_allclose(np.asarray(pyfunc.predict(images)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_markdown_artifact_summarises_run(trained: dict) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-summary"]))
+        )
+    assert artifacts, "no retrain-summary artifact"
+    text = artifacts[-1].data
+    assert "tiny-classifier" in text and "| train | yes |" in text and "accuracy" in text
+
+
+def test_rerun_with_nothing_new_registers_nothing(trained: dict) -> None:
+    from flows.retrain import retrain
+
+    ws = trained["ws"]
+    result = retrain(workspace=str(ws))
+    assert result["ingest"]["ingested"] == []
+    assert result["ingest"]["skipped"] == ["batch-001"]
+    assert not any(s["ran"] for s in result["stages"])
+    assert result["register"]["created"] is False
+    assert len(registry(ws).search_model_versions("name='tiny-classifier'")) == 1
+
+
+# ---------------------------------------------------------------- failures
+
+
+def registry_state(ws: Path) -> list[tuple[str, tuple[str, ...]]]:
+    if not (ws / "mlflow" / "mlflow.db").exists():
+        return []
+    versions = registry(ws).search_model_versions("name='tiny-classifier'")
+    return sorted((v.version, tuple(sorted(v.aliases))) for v in versions)
+
+
+def failed_flow_message(ws: Path) -> str:
+    from flows.retrain import retrain
+    from flows.stages import StageFailed
+    from tasks.common import PipelineError
+
+    with pytest.raises((PipelineError, StageFailed)) as info:
+        retrain(workspace=str(ws))
+    return str(info.value)
+
+
+@pytest.fixture
+def registered(tmp_path: Path, trained: dict) -> Path:
+    """A copy of the trained workspace (with its registry) to break in a test."""
+    ws = tmp_path / "ws"
+    shutil.copytree(trained["ws"], ws, symlinks=True)
+    return ws
+
+
+def test_bad_batch_fails_flow_and_leaves_registry_and_landing(registered: Path) -> None:
+    ws = registered
+    write_batch(ws / "landing" / "batch-002", 30, seed=2, labels_override={3: "purple"})
+    landing, before = tree_digest(ws / "landing"), registry_state(ws)
+    message = failed_flow_message(ws)
+    assert "unknown label 'purple'" in message and "allowed: red, green, blue" in message
+    assert tree_digest(ws / "landing") == landing
+    assert registry_state(ws) == before
+    assert not (ws / "data" / "raw" / "batch-002").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ({"backbone": "resnet_does_not_exist"}, "unknown backbone 'resnet_does_not_exist'"),
+        ({"weights": "weights/missing.safetensors"}, "weights file not found: weights/missing.safetensors"),
+        ({"lr_typo": 0.1}, "unknown key 'train.lr_typo'; allowed: augment, backbone"),
+    ],
+)
+def test_bad_train_params_fail_stage_with_its_message(registered: Path, edit: dict, expected: str) -> None:
+    ws = registered
+    params = tiny_params()
+    params["train"].update(edit)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = registry_state(ws)
+    message = failed_flow_message(ws)
+    assert expected in message
+    assert registry_state(ws) == before

@@ -1,0 +1,81 @@
+"""Test helpers: generated images and throwaway pipeline workspaces (git + DVC repos)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLASSES = ["red", "green", "blue"]
+
+
+def make_images(n: int, seed: int = 0, size: int = 16) -> tuple[list[np.ndarray], list[str]]:
+    """Images whose class is their dominant colour channel, plus noise: easy but not trivial."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(n):
+        k = i % len(TINY_CLASSES)
+        img = rng.integers(0, 90, size=(size, size, 3))
+        img[..., k] += 120 + rng.integers(0, 40)
+        images.append(img.clip(0, 255).astype(np.uint8))
+        labels.append(TINY_CLASSES[k])
+    return images, labels
+
+
+def write_batch(batch_dir: Path, n: int, seed: int = 0, labels_override: dict[int, str] | None = None) -> Path:
+    """A landing batch with labels.csv; ``labels_override`` replaces some rows' labels."""
+    batch_dir.mkdir(parents=True)
+    images, labels = make_images(n, seed)
+    with (batch_dir / "labels.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+            Image.fromarray(img).save(batch_dir / f"img{i:04d}.png")
+            writer.writerow([f"img{i:04d}.png", (labels_override or {}).get(i, label)])
+    return batch_dir
+
+
+def tiny_params() -> dict:
+    """The repository's params.yaml, shrunk to run in seconds on tiny images."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["classes"] = TINY_CLASSES
+    params["prepare"].update(image_size=16, val_fraction=0.15, test_fraction=0.2)
+    params["train"].update(
+        epochs=2, batch_size=32, image_size=32, strategy="partial", frozen_stages=2, lr=0.003, num_threads=2
+    )
+    params["register"].update(model_name="tiny-classifier", min_accuracy=0.6, min_macro_f1=0.6)
+    return params
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=check)
+
+
+def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd, check)
+
+
+def make_workspace(root: Path, params: dict | None = None) -> Path:
+    """A fresh git + DVC repository holding this project's code, dvc.yaml and tiny params."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copy(REPO / ".gitignore", root)
+    (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "ci@example.invalid"], root)
+    run(["git", "config", "user.name", "ci"], root)
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.analytics", "false")
+    (root / "data" / "benchmark").mkdir(parents=True)
+    (root / "landing").mkdir()
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "workspace"], root)
+    return root
