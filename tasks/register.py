@@ -13,6 +13,8 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,35 @@ def tracking_uri(ws: Workspace) -> str:
     return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{(ws.root / 'mlflow' / 'mlflow.db').resolve()}"
 
 
+def default_artifact_location(ws: Workspace) -> str | None:
+    """Artifacts beside the workspace's SQLite store; a user-set tracking server decides its own."""
+    return None if os.environ.get(TRACKING_URI_ENV) else (ws.root / "mlflow" / "artifacts").resolve().as_uri()
+
+
+@contextmanager
+def mlflow_tracking(uri: str) -> Iterator[Any]:
+    """Point MLflow at ``uri`` for the block only: ``mlflow.set_tracking_uri`` also writes the
+    MLFLOW_TRACKING_URI variable, which would leak into the next run in this process."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in (TRACKING_URI_ENV, "MLFLOW_REGISTRY_URI")}
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield MlflowClient(uri, uri)
+    finally:
+        mlflow.set_tracking_uri(saved[TRACKING_URI_ENV])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _git(ws: Workspace, *args: str) -> str:
     proc = subprocess.run(["git", *args], cwd=ws.root, capture_output=True, text=True, check=False)
     return proc.stdout.strip() if proc.returncode == 0 else ""
@@ -107,14 +138,11 @@ class RegisterResult:
     created: bool
 
 
-def _ensure_experiment(client: Any, name: str, ws: Workspace, uri: str) -> str:
+def _ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:///") and TRACKING_URI_ENV not in os.environ:
-        artifacts = (ws.root / "mlflow" / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    return client.create_experiment(name, artifact_location=artifact_location)
 
 
 def _existing_version(client: Any, name: str, lock_hash: str) -> Any | None:
@@ -167,21 +195,20 @@ def _requirements() -> list[str]:
 
 
 def run_register(cfg: PipelineConfig, ws: Workspace) -> RegisterResult:
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     for needed in (ws.models / "model.json", ws.reports / "metrics.json", ws.reports / "validate.json"):
         if not needed.is_file():
             raise PipelineError(f"missing {needed.relative_to(ws.root)}; run the pipeline (dvc repro) first")
     check_outputs_current(ws)
+    uri, artifacts = tracking_uri(ws), default_artifact_location(ws)
+    with mlflow_tracking(uri) as client:
+        return _register(cfg, ws, client, uri, artifacts)
+
+
+def _register(cfg: PipelineConfig, ws: Workspace, client: Any, uri: str, artifacts: str | None) -> RegisterResult:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     rcfg = cfg.register_
-    uri = tracking_uri(ws)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri, uri)
     lineage = collect_lineage(cfg, ws)
     existing = _existing_version(client, rcfg.model_name, lineage["dvc_lock_hash"])
     if existing is not None:
@@ -190,19 +217,20 @@ def run_register(cfg: PipelineConfig, ws: Workspace) -> RegisterResult:
             existing.version,
             lineage["dvc_lock_hash"][:12],
         )
-        return RegisterResult(rcfg.model_name, str(existing.version), existing.run_id, tuple(existing.aliases), uri, False)
-    experiment_id = _ensure_experiment(client, rcfg.experiment, ws, uri)
+        return RegisterResult(
+            rcfg.model_name, str(existing.version), existing.run_id, tuple(existing.aliases), uri, False
+        )
+    experiment_id = _ensure_experiment(client, rcfg.experiment, artifacts)
     run_id, model_uri = _log_run(cfg, ws, experiment_id, lineage)
-    version = mlflow.register_model(model_uri, rcfg.model_name, tags=lineage).version
+    version = str(mlflow.register_model(model_uri, rcfg.model_name, tags=lineage).version)
     client.set_registered_model_alias(rcfg.model_name, CHALLENGER, version)
     aliases = [CHALLENGER]
-    test_metrics = read_json(ws.reports / "metrics.json").get("test", {})
     try:
         champion = client.get_model_version_by_alias(rcfg.model_name, CHAMPION).version
     except MlflowException:
         champion = None
     if champion is None:
-        ok, failures = meets_floors(test_metrics, rcfg)
+        ok, failures = meets_floors(read_json(ws.reports / "metrics.json").get("test", {}), rcfg)
         if ok:
             client.set_registered_model_alias(rcfg.model_name, CHAMPION, version)
             aliases.append(CHAMPION)
@@ -210,7 +238,7 @@ def run_register(cfg: PipelineConfig, ws: Workspace) -> RegisterResult:
             client.set_model_version_tag(rcfg.model_name, version, "rejected_reason", "; ".join(failures))
             log.warning("version %s is below the floors for a first champion: %s", version, "; ".join(failures))
     log.info("registered %s version %s (%s)", rcfg.model_name, version, ", ".join(aliases))
-    return RegisterResult(rcfg.model_name, str(version), run_id, tuple(aliases), uri, True)
+    return RegisterResult(rcfg.model_name, version, run_id, tuple(aliases), uri, True)
 
 
 def main() -> None:

@@ -28,11 +28,12 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+def store_uri(ws: Path) -> str:
+    return f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
+
+
 def registry(ws: Path) -> MlflowClient:
-    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(uri, uri)
+    return MlflowClient(store_uri(ws), store_uri(ws))
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,10 @@ def test_flow_registers_first_champion_with_lineage(trained: dict) -> None:
     assert len(tags["params_hash"]) == 64
     metrics = json.loads((ws / "reports" / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] >= 0.6  # the floor it was promoted on
+    run = client.get_run(champion.run_id)
+    assert run.info.artifact_uri.startswith((ws / "mlflow" / "artifacts").as_uri())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert run.data.params["train.strategy"] == "partial"
 
 
 def test_landing_zone_untouched(trained: dict) -> None:
@@ -88,10 +93,12 @@ def test_dvc_lock_written_and_second_repro_does_nothing(trained: dict) -> None:
 
 def test_champion_reloads_and_predicts_like_trained_model(trained: dict) -> None:
     from tasks.model import load_model, predict_logits
+    from tasks.register import mlflow_tracking
 
     ws = trained["ws"]
-    registry(ws)
-    served = mlflow.pytorch.load_model("models:/tiny-classifier@champion")
+    with mlflow_tracking(store_uri(ws)):
+        served = mlflow.pytorch.load_model("models:/tiny-classifier@champion")
+        pyfunc = mlflow.pyfunc.load_model("models:/tiny-classifier@champion")
     local, _ = load_model(ws / "models")
     images = np.load(ws / "data" / "prepared" / "test_images.npy")
     expected = predict_logits(local, images, 64, torch.device("cpu"))
@@ -99,7 +106,6 @@ def test_champion_reloads_and_predicts_like_trained_model(trained: dict) -> None
         got = served(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert (got.argmax(1) == expected.argmax(1)).all()
-    pyfunc = mlflow.pyfunc.load_model("models:/tiny-classifier@champion")
     np.testing.assert_allclose(np.asarray(pyfunc.predict(images)), expected, rtol=1e-4, atol=1e-4)
 
 
