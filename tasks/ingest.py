@@ -39,6 +39,7 @@ from tasks.validate import (
     MANIFEST_NAME,
     ImageProblem,
     inspect_image,
+    read_all_manifests,
     summarise_problems,
     unknown_label_problem,
 )
@@ -94,6 +95,7 @@ def plan_batches(landing: dict[str, str], ingested: dict[str, str]) -> tuple[lis
                 "immutable: deliver the corrected batch under a new name"
             )
         (old if digest in known_hashes else new).append(name)
+        known_hashes.add(digest)  # a second copy of a batch landing in the same run is a no-op too
     return new, old
 
 
@@ -178,14 +180,25 @@ def hash_batch(batch_dir: Path, cfg: PipelineConfig) -> tuple[list[_Row], str]:
     return rows, content_hash([(r.row.path, r.row.label, r.sha256) for r in rows])
 
 
-def check_batch(batch_name: str, rows: list[_Row], cfg: PipelineConfig) -> list[_Checked]:
-    """Check every row of a batch; any problem rejects the whole batch."""
+def check_batch(
+    batch_name: str, rows: list[_Row], cfg: PipelineConfig, known_labels: dict[str, str] | None = None
+) -> list[_Checked]:
+    """Check every row of a batch; any problem rejects the whole batch.
+
+    ``known_labels`` maps the sha256 of images ingested so far (and of earlier rows of this
+    batch) to their label: the same image under another label is a conflict.
+    """
     extensions = tuple(e.lower() for e in cfg.ingest.image_extensions)
+    labels = dict(known_labels or {})
     checked, problems = [], []
     for item in rows:
         where = item.row.path
         if problem := unknown_label_problem(item.row.label, cfg.classes):
             problems.append(f"{where}: {problem}")
+            continue
+        previous = labels.setdefault(item.sha256, item.row.label) if item.sha256 else item.row.label
+        if previous != item.row.label:
+            problems.append(f"{where}: labelled {item.row.label!r} but the same image is already labelled {previous!r}")
             continue
         if item.source.suffix.lower() not in extensions:
             problems.append(f"{where}: extension not allowed; allowed: {', '.join(extensions)}")
@@ -224,7 +237,18 @@ def ingested_batches(raw: Path) -> dict[str, str]:
     """Batch name -> content hash of everything already in data/raw."""
     if not raw.is_dir():
         return {}
-    return {p.parent.name: read_json(p)["content_hash"] for p in sorted(raw.glob(f"*/{BATCH_INFO}"))}
+    return {
+        p.parent.name: read_json(p)["content_hash"]
+        for p in sorted(raw.glob(f"*/{BATCH_INFO}"))
+        if is_candidate_batch(p.parent.name)
+    }
+
+
+def remove_stale_staging(raw: Path) -> None:
+    """Staging folders left by a copy that crashed before its rename: never ingested, safe to drop."""
+    for staging in raw.glob(".*.partial"):
+        log.warning("removing %s left by an interrupted ingest", staging.name)
+        shutil.rmtree(staging)
 
 
 def _copy_batch(batch_dir: Path, checked: list[_Checked], digest: str, raw: Path) -> int:
@@ -297,16 +321,27 @@ def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
         hashes = {name: digest for name, (_, digest) in hashed.items()}
         new, result.skipped = plan_batches(hashes, ingested_batches(ws.raw))
         # Check every new batch before copying any, so one bad batch ingests nothing.
-        checked = {name: check_batch(name, hashed[name][0], cfg) for name in new}
+        known = {row["sha256"]: row["label"] for row in read_all_manifests(ws.raw)}
+        checked = {}
+        for name in new:
+            checked[name] = check_batch(name, hashed[name][0], cfg, known)
+            known.update((c.item.sha256, c.item.row.label) for c in checked[name])
         ws.raw.mkdir(parents=True, exist_ok=True)
         ws.benchmark.mkdir(parents=True, exist_ok=True)  # a dvc.yaml dependency, even when left empty
+        remove_stale_staging(ws.raw)
+        # Marked before copying, cleared after `dvc add` succeeds: a failure in between is
+        # retried by the next run instead of leaving data/raw.dvc stale.
+        pending = ws.cache / "dvc-add.pending"
+        if new:
+            pending.touch()
         for name in new:
             count = _copy_batch(landing / name, checked[name], hashes[name], ws.raw)
             log.info("ingested batch %s: %d images", name, count)
         result.ingested = new
         raw_dvc = ws.raw.with_suffix(".dvc")
-        if new or not raw_dvc.is_file():
+        if pending.exists() or not raw_dvc.is_file():
             run_dvc(["add", "--quiet", str(ws.raw.relative_to(ws.root))], ws.root)
+            pending.unlink(missing_ok=True)
         result.data_hash = dvc_data_hash(raw_dvc)
     if result.skipped:
         log.info("already ingested, skipped: %s", ", ".join(result.skipped))

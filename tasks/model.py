@@ -126,7 +126,11 @@ def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], ori
     """Load everything but the classifier (its size is the old label set's)."""
     head = {f"{model.default_cfg.get('classifier', 'classifier')}.{k}" for k in ("weight", "bias")}
     state = {k: v for k, v in state.items() if k not in head}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        first = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)
+        raise ModelError(f"weights from {origin} do not fit the backbone: {first.strip()}") from None
     missing = [k for k in result.missing_keys if k not in head]
     if missing or result.unexpected_keys:
         raise ModelError(

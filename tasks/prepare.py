@@ -88,13 +88,13 @@ def write_split(out: Path, name: str, paths: list[Path], labels: list[int], size
     images.flush()
 
 
-def benchmark_rows(benchmark_dir: Path, classes: tuple[str, ...]) -> list[tuple[Path, str]]:
+def benchmark_rows(benchmark_dir: Path, cfg: PipelineConfig) -> list[tuple[Path, str]]:
     """The fixed benchmark set (same layout as a landing batch), or nothing when absent."""
     if not benchmark_dir.is_dir() or not any(benchmark_dir.iterdir()):
         return []
-    rows = [
-        (resolve_inside(benchmark_dir, r.path), r.label) for r in read_batch(benchmark_dir, (".png", ".jpg", ".jpeg"))
-    ]
+    extensions = tuple(e.lower() for e in cfg.ingest.image_extensions)
+    classes = cfg.classes
+    rows = [(resolve_inside(benchmark_dir, r.path), r.label) for r in read_batch(benchmark_dir, extensions)]
     unknown = sorted({label for _, label in rows} - set(classes))
     if unknown:
         raise PipelineError(f"benchmark set has labels outside 'classes': {unknown}; allowed: {', '.join(classes)}")
@@ -126,7 +126,7 @@ def run_prepare(cfg: PipelineConfig, ws: Workspace) -> PrepareResult:
             write_split(out, split, paths, [class_index[r["label"]] for r in members], size)
             writer.writerows([r["sha256"], split, r["label"], r["batch_id"], r["path"]] for r in members)
             counts[split] = len(members)
-    bench = benchmark_rows(ws.benchmark, cfg.classes)
+    bench = benchmark_rows(ws.benchmark, cfg)
     write_split(out, BENCHMARK, [p for p, _ in bench], [class_index[label] for _, label in bench], size)
     counts[BENCHMARK] = len(bench)
     write_json(out / "classes.json", list(cfg.classes))

@@ -80,7 +80,8 @@ def read_all_manifests(raw: Path) -> list[dict[str, str]]:
     """Every ingested row, batches in name order."""
     rows: list[dict[str, str]] = []
     for manifest in sorted(raw.glob(f"*/{MANIFEST_NAME}")):
-        rows.extend(read_manifest(manifest))
+        if not manifest.parent.name.startswith("."):  # skip an interrupted ingest's staging dir
+            rows.extend(read_manifest(manifest))
     return rows
 
 

@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from tasks.common import DVC_STAGES, PipelineError
+from tasks.config import PipelineConfig, load_params, parse_params
+from tasks.fashion_mnist import CLASSES as FASHION_CLASSES
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def parse_error(data: object) -> str:
+    with pytest.raises(PipelineError) as info:
+        parse_params(data)
+    return str(info.value)
+
+
+def test_defaults_fill_every_section() -> None:
+    cfg = parse_params({"classes": ["a", "b"]})
+
+    assert cfg.classes == ("a", "b")
+    assert cfg.ingest.landing_dir == "landing"
+    assert cfg.ingest.image_extensions == (".png", ".jpg", ".jpeg")
+    assert cfg.validate_.max_image_side == 4096
+    assert cfg.prepare.val_fraction == 0.1
+    assert cfg.prepare.split_salt == ""
+    assert cfg.train.strategy == "partial"
+    assert cfg.train.backbone == "tf_efficientnet_lite0"
+    assert cfg.train.image_size is None
+    assert cfg.train.augment.hflip is True
+    assert cfg.evaluate.batch_size == 512
+    assert cfg.register_.min_accuracy == 0.8
+
+
+def test_validate_and_register_sections_are_read_through_their_aliases() -> None:
+    cfg = parse_params(
+        {
+            "classes": ["a", "b"],
+            "validate": {"max_image_side": 64},
+            "register": {"model_name": "m", "min_macro_f1": 0.5},
+        }
+    )
+
+    assert cfg.validate_.max_image_side == 64
+    assert cfg.register_.model_name == "m"
+    assert cfg.register_.min_macro_f1 == 0.5
+
+
+def test_config_is_frozen() -> None:
+    cfg = parse_params({"classes": ["a", "b"]})
+
+    with pytest.raises(ValidationError):
+        cfg.train.epochs = 99  # type: ignore[misc]
+
+
+def test_unknown_top_level_key_is_named_with_the_allowed_keys() -> None:
+    message = parse_error({"classes": ["a", "b"], "trian": {"epochs": 1}})
+
+    assert "unknown key 'trian'" in message
+    assert "allowed: classes, evaluate, ingest, prepare, register, train, validate" in message
+    assert message.startswith("params.yaml: ")
+
+
+def test_unknown_nested_key_is_named_with_the_sections_allowed_keys() -> None:
+    message = parse_error({"classes": ["a", "b"], "train": {"learning_rate": 0.1}})
+
+    assert "unknown key 'train.learning_rate'" in message
+    allowed = message.split("allowed: ", 1)[1].split(", ")
+    assert allowed == sorted(PipelineConfig.model_fields["train"].annotation.model_fields)
+    assert "lr" in allowed and "backbone_lr_mult" in allowed
+
+
+def test_unknown_key_two_levels_deep_lists_that_levels_keys() -> None:
+    message = parse_error({"classes": ["a", "b"], "train": {"augment": {"vflip": True}}})
+
+    assert "unknown key 'train.augment.vflip'; allowed: hflip, translate" in message
+
+
+def test_unknown_key_under_an_aliased_section_lists_its_keys() -> None:
+    message = parse_error({"classes": ["a", "b"], "validate": {"max_side": 10}})
+
+    assert "unknown key 'validate.max_side'; allowed: max_image_side, min_images_per_class" in message
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    message = parse_error({"classes": ["a", "b"], "train": {"epochs": 0, "bogus": 1}, "bogus": 2})
+
+    assert "'train.epochs'" in message
+    assert "unknown key 'train.bogus'" in message
+    assert "unknown key 'bogus'" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "where", "wanted"),
+    [
+        ("train", {"epochs": "many"}, "'train.epochs'", "'many'"),
+        ("train", {"epochs": 0}, "'train.epochs'", "greater than or equal to 1"),
+        ("train", {"lr": -1.0}, "'train.lr'", "greater than 0"),
+        ("prepare", {"val_fraction": 1.0}, "'prepare.val_fraction'", "less than 1"),
+        ("validate", {"max_image_side": "big"}, "'validate.max_image_side'", "'big'"),
+        ("register", {"min_accuracy": 1.5}, "'register.min_accuracy'", "less than or equal to 1"),
+        ("train", {"augment": {"translate": -1}}, "'train.augment.translate'", "greater than or equal to 0"),
+    ],
+)
+def test_wrong_type_or_range_names_the_key_and_the_value(section: str, value: dict, where: str, wanted: str) -> None:
+    message = parse_error({"classes": ["a", "b"], section: value})
+
+    assert where in message
+    assert wanted in message
+
+
+def test_invalid_strategy_lists_the_supported_ones() -> None:
+    message = parse_error({"classes": ["a", "b"], "train": {"strategy": "finetune"}})
+
+    assert "'train.strategy'" in message
+    assert "'finetune'" in message
+    for strategy in ("feature_extraction", "partial", "fine_tune"):
+        assert strategy in message
+
+
+def test_invalid_device_is_rejected() -> None:
+    message = parse_error({"classes": ["a", "b"], "train": {"device": "gpu"}})
+
+    assert "'train.device'" in message and "'gpu'" in message
+
+
+def test_duplicate_classes_are_named() -> None:
+    message = parse_error({"classes": ["a", "b", "a", "c", "c"]})
+
+    assert "duplicate class names ['a', 'c']" in message
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "b ", " b"])
+def test_blank_or_padded_class_names_are_rejected(bad: str) -> None:
+    message = parse_error({"classes": ["a", bad]})
+
+    assert "blank or padded class names" in message
+    assert repr(bad) in message
+
+
+def test_a_single_class_is_rejected() -> None:
+    assert "need at least 2 classes" in parse_error({"classes": ["a"]})
+
+
+def test_missing_classes_is_reported() -> None:
+    message = parse_error({"train": {"epochs": 1}})
+
+    assert "'classes'" in message and "required" in message.lower()
+
+
+@pytest.mark.parametrize(("data", "kind"), [(None, "NoneType"), (["a", "b"], "list"), ("classes", "str")])
+def test_top_level_must_be_a_mapping(data: object, kind: str) -> None:
+    message = parse_error(data)
+
+    assert f"expected a mapping at top level, got {kind}" in message
+
+
+def test_load_params_reads_a_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"classes": ["x", "y"], "train": {"epochs": 7}}), encoding="utf-8")
+
+    cfg = load_params(path)
+
+    assert cfg.classes == ("x", "y")
+    assert cfg.train.epochs == 7
+
+
+def test_load_params_names_the_file_in_validation_errors(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("classes: [x, y]\ntrain:\n  epochz: 1\n", encoding="utf-8")
+
+    with pytest.raises(PipelineError) as info:
+        load_params(path)
+
+    assert str(info.value).startswith(f"{path}: unknown key 'train.epochz'")
+
+
+def test_missing_params_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "params.yaml"
+
+    with pytest.raises(PipelineError, match="params file not found") as info:
+        load_params(path)
+
+    assert str(path) in str(info.value)
+
+
+def test_invalid_yaml_is_a_pipeline_error(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("classes: [a, b\ntrain: {epochs: 1\n", encoding="utf-8")
+
+    with pytest.raises(PipelineError, match="not valid YAML") as info:
+        load_params(path)
+
+    assert str(path) in str(info.value)
+
+
+def test_empty_params_file_is_a_pipeline_error(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("# nothing here\n", encoding="utf-8")
+
+    with pytest.raises(PipelineError, match="expected a mapping at top level"):
+        load_params(path)
+
+
+def test_repository_params_yaml_parses() -> None:
+    cfg = load_params(REPO / "params.yaml")
+
+    assert cfg.classes == FASHION_CLASSES
+    assert cfg.train.backbone == "tf_efficientnet_lite0"
+    assert cfg.train.weights == "packaged"
+    assert cfg.register_.model_name == "fashion-mnist-classifier"
+    assert cfg.prepare.val_fraction + cfg.prepare.test_fraction < 1
+
+
+def test_repository_params_yaml_has_a_section_per_dvc_stage() -> None:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+    for stage in DVC_STAGES:
+        assert isinstance(raw.get(stage), dict), f"params.yaml lacks a {stage!r} section"

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.evaluate import compute_metrics, write_predictions
+
+CLASSES = ("a", "b", "c", "d")
+# d never occurs: neither as a true label nor as a prediction.
+Y_TRUE = np.array([0, 0, 0, 1, 1, 2])
+Y_PRED = np.array([0, 0, 1, 1, 2, 2])
+
+
+@pytest.fixture(scope="module")
+def metrics() -> dict:
+    return compute_metrics(Y_TRUE, Y_PRED, CLASSES)
+
+
+def test_accuracy_and_count(metrics: dict) -> None:
+    assert metrics["n"] == 6
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_per_class_precision_recall_f1_by_hand(metrics: dict) -> None:
+    per_class = metrics["per_class"]
+
+    # a: tp 2, fp 0, fn 1. b: tp 1, fp 1, fn 1. c: tp 1, fp 1, fn 0.
+    assert per_class["a"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3})
+    assert per_class["b"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert per_class["c"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+
+
+def test_an_absent_class_scores_zero_not_nan(metrics: dict) -> None:
+    assert metrics["per_class"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_macro_f1_averages_over_every_configured_class(metrics: dict) -> None:
+    assert metrics["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3 + 0.0) / 4)
+
+
+def test_confusion_matrix_rows_are_true_labels(metrics: dict) -> None:
+    assert metrics["confusion_matrix"] == [
+        [2, 1, 0, 0],
+        [0, 1, 1, 0],
+        [0, 0, 1, 0],
+        [0, 0, 0, 0],
+    ]
+
+
+def test_a_class_predicted_but_never_true_has_zero_precision() -> None:
+    metrics = compute_metrics(np.array([0, 0]), np.array([0, 1]), ("a", "b"))
+
+    assert metrics["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert metrics["per_class"]["a"]["recall"] == 0.5
+    assert metrics["confusion_matrix"] == [[1, 1], [0, 0]]
+
+
+def test_perfect_predictions() -> None:
+    y = np.array([0, 1, 2, 1])
+
+    metrics = compute_metrics(y, y, ("a", "b", "c"))
+
+    assert metrics["accuracy"] == 1.0 and metrics["macro_f1"] == 1.0
+
+
+def test_metrics_are_plain_json_values(metrics: dict) -> None:
+    assert json.loads(json.dumps(metrics)) == metrics
+    assert type(metrics["accuracy"]) is float
+    assert type(metrics["per_class"]["a"]["support"]) is int
+
+
+def test_write_predictions_names_the_classes(tmp_path: Path) -> None:
+    path = tmp_path / "eval" / "confusion_test.csv"
+
+    write_predictions(path, Y_TRUE, Y_PRED, CLASSES)
+
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["actual", "predicted"]
+    assert rows[1:] == [[CLASSES[t], CLASSES[p]] for t, p in zip(Y_TRUE, Y_PRED, strict=True)]

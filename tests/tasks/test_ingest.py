@@ -1,0 +1,531 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tasks import ingest
+from tasks.common import PipelineError, Workspace, read_json, sha256_file
+from tasks.config import PipelineConfig
+from tasks.ingest import (
+    BATCH_INFO,
+    LabeledFile,
+    check_batch,
+    content_hash,
+    hash_batch,
+    ingested_batches,
+    is_candidate_batch,
+    landing_batches,
+    plan_batches,
+    read_batch,
+    resolve_inside,
+    run_ingest,
+)
+from tasks.validate import MANIFEST_NAME
+
+EXTS = (".png", ".jpg", ".jpeg")
+
+
+def write_labels(batch: Path, rows: list[tuple[str, str]], encoding: str = "utf-8", header=("path", "label")) -> None:
+    batch.mkdir(parents=True, exist_ok=True)
+    with (batch / "labels.csv").open("w", newline="", encoding=encoding) as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def snapshot(directory: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every directory, by relative path."""
+    return {
+        p.relative_to(directory).as_posix(): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+# ---------------------------------------------------------------- pure cores
+
+
+def test_content_hash_ignores_row_order_but_not_content() -> None:
+    rows = [("a.png", "a", "11"), ("b.png", "b", "22"), ("c.png", "a", "33")]
+
+    digest = content_hash(rows)
+
+    assert content_hash(list(reversed(rows))) == digest
+    assert content_hash([rows[1], rows[2], rows[0]]) == digest
+    assert content_hash([("a.png", "b", "11"), *rows[1:]]) != digest  # relabelled
+    assert content_hash([("a.png", "a", "12"), *rows[1:]]) != digest  # new pixels
+    assert content_hash([("z.png", "a", "11"), *rows[1:]]) != digest  # renamed
+    assert content_hash(rows[:2]) != digest
+
+
+def test_plan_batches_splits_new_from_already_ingested() -> None:
+    new, old = plan_batches({"b3": "h3", "b1": "h1", "b2": "h2"}, {"b1": "h1"})
+
+    assert new == ["b2", "b3"]
+    assert old == ["b1"]
+
+
+def test_plan_batches_skips_known_content_under_a_new_name() -> None:
+    new, old = plan_batches({"b1-copy": "h1"}, {"b1": "h1"})
+
+    assert (new, old) == ([], ["b1-copy"])
+
+
+def test_plan_batches_with_nothing_landed() -> None:
+    assert plan_batches({}, {"b1": "h1"}) == ([], [])
+
+
+def test_plan_batches_refuses_changed_content_under_an_ingested_name() -> None:
+    with pytest.raises(PipelineError, match="already ingested with different content") as info:
+        plan_batches({"b1": "changed"}, {"b1": "h1"})
+
+    assert "'b1'" in str(info.value)
+    assert "new name" in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("batch-1", True), ("2024.05", True), (".b", False), ("_b", False)])
+def test_is_candidate_batch(name: str, expected: bool) -> None:
+    assert is_candidate_batch(name) is expected
+
+
+def test_resolve_inside_accepts_paths_within_the_batch(tmp_path: Path) -> None:
+    batch = tmp_path / "b1"
+    (batch / "images").mkdir(parents=True)
+
+    assert resolve_inside(batch, "images/x.png") == (batch / "images" / "x.png").resolve()
+    assert resolve_inside(batch, "images/../x.png") == (batch / "x.png").resolve()
+
+
+@pytest.mark.parametrize("rel", ["../x.png", "images/../../x.png", "../b1-other/x.png"])
+def test_resolve_inside_rejects_parent_escapes(tmp_path: Path, rel: str) -> None:
+    batch = tmp_path / "b1"
+    batch.mkdir()
+
+    with pytest.raises(PipelineError, match="points outside the batch"):
+        resolve_inside(batch, rel)
+
+
+@pytest.mark.parametrize("rel", ["/etc/passwd", "", "images\\x.png"])
+def test_resolve_inside_rejects_absolute_empty_and_backslash_paths(tmp_path: Path, rel: str) -> None:
+    batch = tmp_path / "b1"
+    batch.mkdir()
+
+    with pytest.raises(PipelineError, match="must be relative to the batch") as info:
+        resolve_inside(batch, rel)
+
+    assert repr(rel) in str(info.value)
+
+
+def test_resolve_inside_rejects_a_symlink_leaving_the_batch(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"outside")
+    batch = tmp_path / "b1"
+    batch.mkdir()
+    (batch / "link.png").symlink_to(secret)
+    (batch / "dir").symlink_to(tmp_path)
+
+    with pytest.raises(PipelineError, match="points outside the batch"):
+        resolve_inside(batch, "link.png")
+    with pytest.raises(PipelineError, match="points outside the batch"):
+        resolve_inside(batch, "dir/secret.png")
+
+
+# ---------------------------------------------------------------- reading a batch
+
+
+def test_read_batch_from_labels_csv(tmp_path: Path) -> None:
+    batch = tmp_path / "b1"
+    write_labels(batch, [("images/1.png", "a"), ("2.png", "b")])
+
+    assert read_batch(batch, EXTS) == [LabeledFile("images/1.png", "a"), LabeledFile("2.png", "b")]
+
+
+def test_read_batch_accepts_a_byte_order_mark(tmp_path: Path) -> None:
+    batch = tmp_path / "b1"
+    write_labels(batch, [("1.png", "a")], encoding="utf-8-sig")
+    assert (batch / "labels.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+
+    assert read_batch(batch, EXTS) == [LabeledFile("1.png", "a")]
+
+
+def test_read_batch_accepts_extra_columns_in_any_order(tmp_path: Path) -> None:
+    batch = tmp_path / "b1"
+    write_labels(batch, [("a", "x", "1.png")], header=("label", "note", "path"))
+
+    assert read_batch(batch, EXTS) == [LabeledFile("1.png", "a")]
+
+
+def test_read_batch_from_image_folder_layout(tmp_path: Path, write_png: Callable[..., Path]) -> None:
+    batch = tmp_path / "b1"
+    write_png(batch / "b" / "2.png")
+    write_png(batch / "a" / "1.PNG")
+    write_png(batch / "a" / "nested" / "3.jpg")
+    (batch / "a" / "notes.txt").write_text("not an image")
+    (batch / "README").write_text("top-level files are ignored in this layout")
+
+    rows = read_batch(batch, EXTS)
+
+    assert rows == [
+        LabeledFile("a/1.PNG", "a"),
+        LabeledFile("a/nested/3.jpg", "a"),
+        LabeledFile("b/2.png", "b"),
+    ]
+
+
+def test_labels_csv_takes_precedence_over_sub_folders(tmp_path: Path, write_png: Callable[..., Path]) -> None:
+    batch = tmp_path / "b1"
+    write_png(batch / "a" / "1.png")
+    write_labels(batch, [("a/1.png", "b")])
+
+    assert read_batch(batch, EXTS) == [LabeledFile("a/1.png", "b")]
+
+
+def test_read_batch_names_a_missing_column(tmp_path: Path) -> None:
+    batch = tmp_path / "b1"
+    write_labels(batch, [("1.png", "a")], header=("file", "label"))
+
+    with pytest.raises(PipelineError, match=r"lacks column\(s\) \['path'\]") as info:
+        read_batch(batch, EXTS)
+
+    assert "required columns: path,label" in str(info.value)
+    assert "'b1'" in str(info.value)
+
+
+def test_read_batch_rejects_a_non_utf8_labels_file(tmp_path: Path) -> None:
+    batch = tmp_path / "b1"
+    batch.mkdir()
+    (batch / "labels.csv").write_bytes("path,label\n1.png,caf\xe9\n".encode("latin-1"))
+
+    with pytest.raises(PipelineError, match="not a readable UTF-8 CSV"):
+        read_batch(batch, EXTS)
+
+
+def test_read_batch_without_labels_says_how_to_label(tmp_path: Path, write_png: Callable[..., Path]) -> None:
+    batch = tmp_path / "b1"
+    write_png(batch / "1.png")
+
+    with pytest.raises(PipelineError, match="has no labels") as info:
+        read_batch(batch, EXTS)
+
+    assert "labels.csv" in str(info.value)
+
+
+def test_read_batch_of_an_empty_directory(tmp_path: Path) -> None:
+    batch = tmp_path / "b1"
+    batch.mkdir()
+
+    with pytest.raises(PipelineError, match="'b1' is empty"):
+        read_batch(batch, EXTS)
+
+
+def test_read_batch_with_a_header_only_labels_csv_is_empty(tmp_path: Path) -> None:
+    batch = tmp_path / "b1"
+    write_labels(batch, [])
+
+    with pytest.raises(PipelineError, match="is empty"):
+        read_batch(batch, EXTS)
+
+
+def test_landing_batches_skips_hidden_and_in_progress_dirs(tmp_path: Path) -> None:
+    for name in ("b2", "b1", ".b3.writing", "_b4"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "stray.txt").write_text("x")
+
+    assert [p.name for p in landing_batches(tmp_path)] == ["b1", "b2"]
+
+
+def test_landing_batches_rejects_an_unsafe_batch_name(tmp_path: Path) -> None:
+    (tmp_path / "bad name").mkdir()
+
+    with pytest.raises(PipelineError, match="invalid batch name 'bad name'"):
+        landing_batches(tmp_path)
+
+
+def test_landing_batches_needs_the_landing_zone(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="landing zone not found"):
+        landing_batches(tmp_path / "landing")
+
+
+def test_check_batch_lists_every_problem(
+    tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    cfg = make_cfg(validate={"max_image_side": 16})
+    batch = tmp_path / "b1"
+    write_png(batch / "ok.png")
+    write_png(batch / "big.png", size=(17, 4))
+    write_png(batch / "pic.gif")
+    (batch / "broken.png").write_text("not a png")
+    write_labels(
+        batch,
+        [("ok.png", "a"), ("big.png", "a"), ("pic.gif", "b"), ("broken.png", "b"), ("gone.png", "a"), ("ok.png", "z")],
+    )
+    rows, _ = hash_batch(batch, cfg)
+
+    with pytest.raises(PipelineError) as info:
+        check_batch("b1", rows, cfg)
+
+    message = str(info.value)
+    assert message.startswith("5 problem(s) in batch 'b1'")
+    assert "big.png: 17x4 exceeds max_image_side 16" in message
+    assert "pic.gif: extension not allowed" in message
+    assert "broken.png: unreadable image" in message
+    assert "gone.png: missing file" in message
+    assert "ok.png: unknown label 'z'" in message
+
+
+def test_check_batch_returns_sizes_of_good_images(
+    tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    batch = tmp_path / "b1"
+    write_png(batch / "X.PNG", size=(5, 7))  # extensions match case-insensitively
+    write_labels(batch, [("X.PNG", "b")])
+    rows, digest = hash_batch(batch, make_cfg())
+
+    checked = check_batch("b1", rows, make_cfg())
+
+    assert [(c.width, c.height) for c in checked] == [(5, 7)]
+    assert rows[0].sha256 == sha256_file(batch / "X.PNG")
+    assert digest == content_hash([("X.PNG", "b", rows[0].sha256)])
+
+
+# ---------------------------------------------------------------- run_ingest in a git + DVC workspace
+
+
+def landed_batch(ws: Workspace, name: str, write_png: Callable[..., Path], n: int = 10, labels=("a", "b")) -> Path:
+    """A labels.csv batch of ``n`` distinct PNGs plus one duplicate of the first image."""
+    batch = ws.landing / name
+    rows = []
+    for i in range(n):
+        write_png(batch / "images" / f"img{i:02d}.png", size=(6 + i % 3, 5), seed=i)
+        rows.append((f"images/img{i:02d}.png", labels[i % len(labels)]))
+    shutil.copyfile(batch / "images" / "img00.png", batch / "dup.png")
+    rows.append(("dup.png", labels[0]))
+    write_labels(batch, rows)
+    return batch
+
+
+@pytest.mark.integration
+def test_run_ingest_copies_a_batch_tracks_it_and_is_idempotent(
+    dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws, cfg = dvc_workspace, make_cfg()
+    batch = landed_batch(ws, "batch-001", write_png)
+    landing_before = snapshot(ws.landing)
+
+    result = run_ingest(cfg, ws)
+
+    assert result.ingested == ["batch-001"] and result.skipped == [] and result.changed
+    target = ws.raw / "batch-001"
+    with (target / MANIFEST_NAME).open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == (
+            "path",
+            "source_path",
+            "label",
+            "sha256",
+            "width",
+            "height",
+            "batch_id",
+        )
+        manifest = list(reader)
+    with (batch / "labels.csv").open(newline="", encoding="utf-8") as fh:
+        landed = {row["path"]: row["label"] for row in csv.DictReader(fh)}
+    assert {row["source_path"]: row["label"] for row in manifest} == landed
+    assert len(manifest) == 11
+    for row in manifest:
+        source = batch / row["source_path"]
+        stored = target / row["path"]
+        assert row["sha256"] == sha256_file(source) == sha256_file(stored)
+        assert row["path"] == f"images/{row['sha256']}.png"
+        with Image.open(source) as img:
+            assert (int(row["width"]), int(row["height"])) == img.size
+        assert row["batch_id"] == "batch-001"
+    # The duplicate shares one stored file.
+    assert len(list((target / "images").iterdir())) == 10
+    assert read_json(target / BATCH_INFO) == {
+        "batch_id": "batch-001",
+        "content_hash": hash_batch(batch, cfg)[1],
+        "n_images": 11,
+    }
+    assert ingested_batches(ws.raw) == {"batch-001": hash_batch(batch, cfg)[1]}
+    assert not any(p.name.endswith(".partial") for p in ws.raw.iterdir())
+
+    raw_dvc = ws.root / "data" / "raw.dvc"
+    assert raw_dvc.is_file()
+    out = yaml.safe_load(raw_dvc.read_text())["outs"][0]
+    assert out["path"] == "raw"
+    assert out["md5"].endswith(".dir")
+    assert result.data_hash == out["md5"]
+
+    dvc_file_before = raw_dvc.read_bytes()
+    raw_before = snapshot(ws.raw)
+    again = run_ingest(cfg, ws)
+
+    assert again.ingested == [] and again.skipped == ["batch-001"] and not again.changed
+    assert again.data_hash == result.data_hash
+    assert raw_dvc.read_bytes() == dvc_file_before
+    assert snapshot(ws.raw) == raw_before
+
+    # The same content under another name is also a no-op.
+    shutil.copytree(batch, ws.landing / "batch-001-resent")
+    renamed = run_ingest(cfg, ws)
+    assert renamed.ingested == [] and renamed.skipped == ["batch-001", "batch-001-resent"]
+    assert snapshot(ws.raw) == raw_before
+
+    shutil.rmtree(ws.landing / "batch-001-resent")
+    assert snapshot(ws.landing) == landing_before
+
+
+@pytest.mark.integration
+def test_run_ingest_with_an_unknown_label_copies_nothing(
+    dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws, cfg = dvc_workspace, make_cfg()
+    landed_batch(ws, "b1-good", write_png, n=4)
+    landed_batch(ws, "b2-bad", write_png, n=4, labels=("a", "cat"))
+    landing_before = snapshot(ws.landing)
+
+    with pytest.raises(PipelineError) as info:
+        run_ingest(cfg, ws)
+
+    message = str(info.value)
+    assert "batch 'b2-bad'" in message
+    assert "unknown label 'cat'" in message
+    assert "allowed: a, b" in message
+    assert not ws.raw.exists() or not any(ws.raw.iterdir())
+    assert not (ws.root / "data" / "raw.dvc").exists()
+    assert snapshot(ws.landing) == landing_before
+
+
+@pytest.mark.integration
+def test_run_ingest_refuses_a_changed_batch_under_the_same_name(
+    dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws, cfg = dvc_workspace, make_cfg()
+    batch = landed_batch(ws, "b1", write_png, n=3)
+    run_ingest(cfg, ws)
+    raw_before = snapshot(ws.raw)
+
+    write_png(batch / "images" / "img01.png", size=(6, 5), seed=999)
+    with pytest.raises(PipelineError, match="'b1' was already ingested with different content"):
+        run_ingest(cfg, ws)
+
+    assert snapshot(ws.raw) == raw_before
+
+
+def test_run_ingest_with_a_missing_landing_zone(tmp_path: Path, make_cfg: Callable[..., PipelineConfig]) -> None:
+    with pytest.raises(PipelineError, match="landing zone not found"):
+        run_ingest(make_cfg(), Workspace(tmp_path))
+
+
+@pytest.mark.integration
+def test_run_ingest_reads_the_configured_landing_dir(
+    dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws = dvc_workspace
+    batch = ws.root / "inbox" / "b1"
+    write_png(batch / "a" / "1.png", seed=1)
+    write_png(batch / "b" / "2.png", seed=2)
+    os.makedirs(ws.landing)  # the default landing dir exists but must not be read
+    write_png(ws.landing / "ignored" / "a" / "x.png", seed=3)
+
+    result = run_ingest(make_cfg(ingest={"landing_dir": "inbox"}), ws)
+
+    assert result.ingested == ["b1"]
+    assert sorted(p.name for p in ws.raw.iterdir() if p.is_dir()) == ["b1"]
+
+
+def test_a_crashed_copy_does_not_count_as_ingested(
+    tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    cfg = make_cfg()
+    ws = Workspace(tmp_path)
+    batch = landed_batch(ws, "b1", write_png, n=2)
+    _, digest = hash_batch(batch, cfg)
+    # What _copy_batch leaves behind when it dies between writing batch.json and os.replace.
+    staging = ws.raw / ".b1.partial"
+    (staging / "images").mkdir(parents=True)
+    (staging / BATCH_INFO).write_text(json.dumps({"batch_id": "b1", "content_hash": digest, "n_images": 3}))
+
+    assert ingested_batches(ws.raw) == {}
+
+
+@pytest.mark.integration
+def test_a_failed_dvc_add_is_retried_on_the_next_run(
+    dvc_workspace: Workspace,
+    write_png: Callable[..., Path],
+    make_cfg: Callable[..., PipelineConfig],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ws, cfg = dvc_workspace, make_cfg()
+    landed_batch(ws, "b1", write_png, n=2)
+    first = run_ingest(cfg, ws)
+    write_png(ws.landing / "b2" / "a" / "x.png", seed=42)
+
+    def dvc_down(args: list[str], cwd: Path) -> str:
+        raise PipelineError("dvc add failed: simulated")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ingest, "run_dvc", dvc_down)
+        with pytest.raises(PipelineError, match="simulated"):
+            run_ingest(cfg, ws)
+    assert (ws.raw / "b2" / MANIFEST_NAME).is_file()  # copied before dvc add failed
+
+    retried = run_ingest(cfg, ws)
+
+    assert retried.data_hash != first.data_hash
+
+
+def test_check_batch_rejects_the_same_image_under_two_labels(
+    tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    batch = tmp_path / "b1"
+    write_png(batch / "x.png", seed=3)
+    shutil.copyfile(batch / "x.png", batch / "y.png")
+    write_labels(batch, [("x.png", "a"), ("y.png", "b")])
+    rows, _ = hash_batch(batch, make_cfg())
+
+    with pytest.raises(PipelineError, match=r"y\.png: labelled 'b' but the same image is already labelled 'a'"):
+        check_batch("b1", rows, make_cfg())
+
+
+def test_check_batch_rejects_a_label_that_conflicts_with_ingested_data(
+    tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    batch = tmp_path / "b2"
+    write_png(batch / "x.png", seed=3)
+    write_labels(batch, [("x.png", "b")])
+    rows, _ = hash_batch(batch, make_cfg())
+
+    with pytest.raises(PipelineError, match="already labelled 'a'"):
+        check_batch("b2", rows, make_cfg(), known_labels={rows[0].sha256: "a"})
+    assert len(check_batch("b2", rows, make_cfg(), known_labels={rows[0].sha256: "b"})) == 1
+
+
+def test_plan_batches_ingests_one_of_two_identical_new_batches() -> None:
+    new, old = plan_batches({"b1": "h", "b2": "h"}, {})
+    assert (new, old) == (["b1"], ["b2"])
+
+
+@pytest.mark.integration
+def test_run_ingest_refuses_a_batch_relabelling_ingested_images(
+    dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws, cfg = dvc_workspace, make_cfg()
+    landed_batch(ws, "b1", write_png, n=2)
+    run_ingest(cfg, ws)
+    relabelled = ws.landing / "b2"
+    relabelled.mkdir()
+    shutil.copyfile(ws.landing / "b1" / "images" / "img00.png", relabelled / "same.png")
+    write_labels(relabelled, [("same.png", "b")])  # img00 was ingested as "a"
+
+    with pytest.raises(PipelineError, match="already labelled 'a'"):
+        run_ingest(cfg, ws)
+    assert not (ws.raw / "b2").exists()
