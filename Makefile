@@ -10,12 +10,15 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
+PREFECT_PORT ?= 4200
 
-.PHONY: help uv setup data demo test lint format
+.PHONY: help uv setup data demo test lint format up down
 
 help:
 	@echo "make demo    install everything and run the pipeline on the embedded Fashion-MNIST default"
 	@echo "make test    install everything and run the test suite"
+	@echo "make up      start a local Prefect server (UI on http://127.0.0.1:$(PREFECT_PORT)) and serve the deployments"
+	@echo "make down    stop exactly what make up started"
 	@echo "make lint    ruff check + format check"
 
 uv:
@@ -44,3 +47,9 @@ lint: setup
 
 format: setup
 	$(UV) run ruff check --fix . && $(UV) run ruff format .
+
+up: setup
+	$(UV) run python -m flows.server up --port $(PREFECT_PORT)
+
+down:
+	$(UV) run python -m flows.server down

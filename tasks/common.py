@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,10 @@ ERROR_PREFIX = "error: "
 
 class PipelineError(Exception):
     """A problem with the inputs or configuration that a user must fix (not a bug)."""
+
+
+class WorkspaceBusy(PipelineError):
+    """Another process holds the workspace lock."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,22 @@ def write_json(path: Path, payload: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+@contextmanager
+def workspace_lock(ws: Workspace, name: str, blocking: bool = True) -> Iterator[None]:
+    """An exclusive advisory lock on the workspace (``.cache/<name>.lock``), so two ingests,
+    or a retrain and a watch tick, never touch the data at the same time."""
+    ws.cache.mkdir(parents=True, exist_ok=True)
+    with (ws.cache / f"{name}.lock").open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkspaceBusy(f"workspace {ws.root} is busy ({name} lock held by another process)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def setup_cli_logging(level: int = logging.INFO) -> None:

@@ -83,6 +83,19 @@ class RegisterConfig(_Strict):
     min_macro_f1: Annotated[float, Field(ge=0, le=1)] = 0.8
 
 
+class WatchConfig(_Strict):
+    """The watch-landing deployment (flows/watch.py)."""
+
+    interval_s: Annotated[int, Field(ge=5)] = 60
+
+
+class RetrainConfig(_Strict):
+    """The retrain deployment (flows/retrain.py): besides the data trigger, a schedule."""
+
+    #: Cron schedule (UTC) for retrains without new data; null disables it.
+    cron: str | None = "0 3 * * 1"
+
+
 class PipelineConfig(_Strict):
     """The whole params.yaml. ``validate`` and ``register`` clash with pydantic's own
     attributes, so they are read through aliases and reached as ``cfg.validate_`` and
@@ -96,6 +109,8 @@ class PipelineConfig(_Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")
+    watch: WatchConfig = WatchConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @field_validator("classes")
     @classmethod

@@ -10,15 +10,12 @@ labelers write a batch under such a name and rename it when complete.
 from __future__ import annotations
 
 import csv
-import fcntl
 import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from tasks.common import (
     run_cli,
     sha256_file,
     sha256_lines,
+    workspace_lock,
     write_json,
 )
 from tasks.config import PipelineConfig, load_params
@@ -299,18 +297,6 @@ def dvc_data_hash(dvc_file: Path) -> str | None:
         return None
     outs = yaml.safe_load(dvc_file.read_text(encoding="utf-8")).get("outs") or [{}]
     return outs[0].get("md5")
-
-
-@contextmanager
-def workspace_lock(ws: Workspace, name: str) -> Iterator[None]:
-    """An exclusive lock so two ingests (or watch ticks) never interleave."""
-    ws.cache.mkdir(parents=True, exist_ok=True)
-    with (ws.cache / f"{name}.lock").open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:

@@ -145,11 +145,18 @@ def _ensure_experiment(client: Any, name: str, artifact_location: str | None) ->
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def _existing_version(client: Any, name: str, lock_hash: str) -> Any | None:
+def _version_tagged(client: Any, name: str, tag: str, value: str) -> Any | None:
     for version in client.search_model_versions(f"name='{name}'"):
-        if version.tags.get("dvc_lock_hash") == lock_hash:
+        if version.tags.get(tag) == value:
             return version
     return None
+
+
+def version_for_data(cfg: PipelineConfig, ws: Workspace, data_hash: str) -> str | None:
+    """The registered version already trained on this DVC data hash, if any."""
+    with mlflow_tracking(tracking_uri(ws)) as client:
+        version = _version_tagged(client, cfg.register_.model_name, "dvc_data_hash", data_hash)
+    return None if version is None else str(version.version)
 
 
 def _log_run(cfg: PipelineConfig, ws: Workspace, experiment_id: str, lineage: dict[str, str]) -> tuple[str, str]:
@@ -210,7 +217,7 @@ def _register(cfg: PipelineConfig, ws: Workspace, client: Any, uri: str, artifac
 
     rcfg = cfg.register_
     lineage = collect_lineage(cfg, ws)
-    existing = _existing_version(client, rcfg.model_name, lineage["dvc_lock_hash"])
+    existing = _version_tagged(client, rcfg.model_name, "dvc_lock_hash", lineage["dvc_lock_hash"])
     if existing is not None:
         log.info(
             "version %s already holds this pipeline state (dvc.lock %s)",

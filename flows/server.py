@@ -1,0 +1,137 @@
+"""Start and stop the local services: a Prefect server on 127.0.0.1 and the process that
+serves the deployments. ``make up`` / ``make down`` call this; ``down`` stops exactly the
+processes ``up`` started (their pids are kept in ``.cache/services/``).
+
+The server uses SQLite under PREFECT_HOME unless PREFECT_API_DATABASE_CONNECTION_URL names
+another database (PostgreSQL, for instance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tasks.common import PipelineError, Workspace
+
+DEFAULT_PORT = 4200
+
+
+def api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or ""
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def require_api() -> str:
+    """The configured Prefect API, or a one-line error naming the URL that did not answer."""
+    url = api_url()
+    if not url:
+        raise SystemExit("error: PREFECT_API_URL is not set; start the services with `make up` and export it")
+    if not healthy(url):
+        raise SystemExit(f"error: the Prefect API at {url} does not answer; is the server running (`make up`)?")
+    return url
+
+
+def _pidfile(ws: Workspace, name: str) -> Path:
+    return ws.cache / "services" / f"{name}.pid"
+
+
+def _start(ws: Workspace, name: str, cmd: list[str], env: dict[str, str]) -> int:
+    log_dir = ws.cache / "services"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / f"{name}.log").open("ab") as log:
+        proc = subprocess.Popen(  # own session: `down` stops the whole process group
+            cmd, cwd=ws.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    _pidfile(ws, name).write_text(str(proc.pid))
+    return proc.pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def up(ws: Workspace, port: int, interval: int | None) -> str:
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    for name in ("server", "serve"):
+        pidfile = _pidfile(ws, name)
+        if pidfile.is_file() and _alive(int(pidfile.read_text())):
+            raise PipelineError(f"{name} already running (pid {pidfile.read_text()}); `make down` first")
+    prefect = [sys.executable, "-m", "prefect"]
+    _start(ws, "server", [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+    deadline = time.monotonic() + 120
+    while not healthy(url):
+        if time.monotonic() > deadline:
+            raise PipelineError(
+                f"the Prefect server did not answer at {url} within 120 s; see .cache/services/server.log"
+            )
+        time.sleep(1)
+    serve_cmd = [sys.executable, "-m", "flows.deploy", "--workspace", str(ws.root)]
+    if interval:
+        serve_cmd += ["--interval", str(interval)]
+    _start(ws, "serve", serve_cmd, env)
+    return url
+
+
+def down(ws: Workspace) -> list[str]:
+    stopped = []
+    for name in ("serve", "server"):  # the server last, so serve can report its runs' end
+        pidfile = _pidfile(ws, name)
+        if not pidfile.is_file():
+            continue
+        pid = int(pidfile.read_text())
+        if _alive(pid):
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+            stopped.append(f"{name} (pid {pid})")
+        pidfile.unlink()
+    return stopped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down", "check"])
+    parser.add_argument("--workspace", default=".")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", DEFAULT_PORT)))
+    parser.add_argument("--interval", type=int, default=None, help="override watch.interval_s")
+    args = parser.parse_args()
+    ws = Workspace(Path(args.workspace).resolve())
+    try:
+        if args.command == "up":
+            url = up(ws, args.port, args.interval)
+            print(f"Prefect server and deployments running. UI: {url.removesuffix('/api')}")
+            print(f"export PREFECT_API_URL={url}   # to run flows against it")
+        elif args.command == "down":
+            print("stopped: " + (", ".join(down(ws)) or "nothing was running"))
+        else:
+            print(f"Prefect API answers at {require_api()}")
+    except PipelineError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

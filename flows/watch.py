@@ -1,0 +1,82 @@
+"""The watch-landing flow: ingest new landing batches and announce the new data.
+
+Run on an interval by the ``watch-landing`` deployment (``make up``). A tick compares the
+landing zone with ``data/raw`` by content hash, so its state lives on disk, never in memory:
+a tick that failed (server down, crash) is simply redone by the next one. When the data
+changed it emits ``dataset.updated``, which triggers the ``retrain`` deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.events import emit_event
+
+from flows.stages import ingest
+from tasks.common import Workspace, WorkspaceBusy, read_json, workspace_lock, write_json
+
+DATASET_EVENT = "dataset.updated"
+PIPELINE_LOCK = "pipeline"
+
+
+def dataset_resource_id(ws: Workspace) -> str:
+    return f"ctl.dataset.{ws.root.name}"
+
+
+def announced_path(ws: Workspace) -> Path:
+    return ws.cache / "announced.json"
+
+
+def needs_announcement(ws: Workspace, data_hash: str | None) -> bool:
+    """Whether this data hash has not been announced yet (at-least-once: the record is written
+    only after the event was handed to Prefect, so a crash in between re-announces)."""
+    if not data_hash:
+        return False
+    path = announced_path(ws)
+    return not path.is_file() or read_json(path).get("data_hash") != data_hash
+
+
+@flow(name="watch-landing", log_prints=True)
+def watch_landing(workspace: str = ".") -> dict[str, Any]:
+    """One tick: ingest whatever is new and emit ``dataset.updated`` when the data changed."""
+    ws = Workspace(Path(workspace).resolve())
+    logger = get_run_logger()
+    try:
+        # Never wait on a running retrain: its DVC stages read data/raw. The next tick retries.
+        with workspace_lock(ws, PIPELINE_LOCK, blocking=False):
+            result = ingest(str(ws.root))
+    except WorkspaceBusy:
+        logger.info("a retrain holds the workspace; new batches are picked up by a later tick")
+        return {"busy": True, "ingested": [], "announced": False}
+    announced = False
+    if needs_announcement(ws, result["data_hash"]):
+        payload = {"data_hash": result["data_hash"], "batch_ids": result["ingested"], "workspace": str(ws.root)}
+        emit_event(
+            event=DATASET_EVENT,
+            resource={"prefect.resource.id": dataset_resource_id(ws), "prefect.resource.name": ws.root.name},
+            payload=payload,
+        )
+        write_json(announced_path(ws), payload)
+        announced = True
+        logger.info("new data %s (batches %s): emitted %s", result["data_hash"], result["ingested"], DATASET_EVENT)
+    else:
+        logger.info("nothing new in the landing zone")
+    return {"busy": False, "ingested": result["ingested"], "announced": announced, "data_hash": result["data_hash"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run one watch-landing tick.")
+    parser.add_argument("--workspace", default=".")
+    args = parser.parse_args()
+    from flows.server import require_api
+
+    require_api()
+    print(json.dumps(watch_landing(workspace=args.workspace), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Integration: continuous training on a real Prefect server.
+
+Starts ``prefect server`` on a free loopback port (temporary PREFECT_HOME), serves the
+deployments from flows/deploy.py, drops a generated batch into the landing zone and checks
+that the dataset.updated trigger starts a retrain that registers a model; then that the
+same content delivered again starts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.helpers import REPO, make_workspace, tiny_params, write_batch
+
+pytestmark = pytest.mark.integration
+
+WATCH_INTERVAL_S = 5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    port = url.split(":")[-1].split("/")[0]
+    with (home / "server.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: _healthy(url), 120, "the Prefect server")
+        yield {"url": url, "env": env, "home": home}
+    finally:
+        stop(proc)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def flow_runs(url: str, deployment: str) -> list[dict]:
+    body = {"deployments": {"name": {"any_": [deployment]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    resp = httpx.post(f"{url}/flow_runs/filter", json=body, timeout=10)
+    resp.raise_for_status()
+    return [r for r in resp.json() if r["state_type"] != "SCHEDULED"]
+
+
+@pytest.fixture(scope="module")
+def served(server: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    params = tiny_params()
+    params["retrain"] = {"cron": None}
+    ws = make_workspace(tmp_path_factory.mktemp("continuous") / "ws", params)
+    log_path = server["home"] / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.deploy", "--workspace", str(ws), "--interval", str(WATCH_INTERVAL_S)],
+            cwd=REPO, env=server["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: flow_runs(server["url"], "watch-landing"), 90, "a first watch-landing tick")
+        yield {"ws": ws, "url": server["url"], "log": log_path}
+    finally:
+        stop(proc)
+
+
+def test_new_batch_triggers_a_retrain_that_registers_a_model(served: dict) -> None:
+    ws, url = served["ws"], served["url"]
+    assert flow_runs(url, "retrain") == []  # nothing landed yet, nothing trained
+    write_batch(ws / "landing" / "batch-001", 240, seed=5)
+    landed = time.time()
+
+    run = wait_for(lambda: next(iter(flow_runs(url, "retrain")), None), 120, "a triggered retrain run")
+    finished = ("COMPLETED", "FAILED", "CRASHED")
+    final = wait_for(
+        lambda: next((r for r in flow_runs(url, "retrain") if r["state_type"] in finished), None),
+        300, "the retrain run to finish", every=3,
+    )  # fmt: skip
+    assert final["state_type"] == "COMPLETED", served["log"].read_text()[-3000:]
+    data_hash = yaml.safe_load((ws / "data" / "raw.dvc").read_text())["outs"][0]["md5"]
+    assert run["parameters"]["data_hash"] == data_hash  # templated from the event payload
+    assert run["parameters"]["workspace"] == str(ws)
+    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
+    versions = MlflowClient(uri, uri).search_model_versions("name='tiny-classifier'")
+    assert [v.tags["dvc_data_hash"] for v in versions] == [data_hash]
+    started = _epoch(final["start_time"])
+    print(f"latency from landing to retrain start: {started - landed:.1f} s (watch interval {WATCH_INTERVAL_S} s)")
+
+
+def test_same_content_again_starts_no_retrain(served: dict) -> None:
+    ws, url = served["ws"], served["url"]
+    before = len(flow_runs(url, "retrain"))
+    write_batch(ws / "landing" / "batch-001-again", 240, seed=5)  # identical images and labels
+    dropped = time.time()
+
+    def ticks_after_drop() -> bool:
+        runs = [r for r in flow_runs(url, "watch-landing") if r["state_type"] == "COMPLETED"]
+        late = [r for r in runs if r["end_time"] and _epoch(r["end_time"]) > dropped + 1]
+        return len(late) >= 2
+
+    wait_for(ticks_after_drop, 120, "two watch ticks after the second delivery")
+    assert len(flow_runs(url, "retrain")) == before
+    assert not (ws / "data" / "raw" / "batch-001-again").exists()
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
