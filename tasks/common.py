@@ -85,6 +85,39 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class FileHashCache:
+    """sha256 of files, re-computed only when a file's size, mtime or inode changed (the
+    same test git and DVC use), so a watch tick over an unchanged landing zone is cheap.
+    With no ``path`` it lives in memory only."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._entries: dict[str, list] = {}
+        self._seen: dict[str, list] = {}
+        if path is not None and path.is_file():
+            try:
+                self._entries = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                log.warning("ignoring unreadable hash cache %s", path)
+
+    def sha256(self, file: Path) -> str:
+        stat = file.stat()
+        key, stamp = str(file), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        entry = self._entries.get(key)
+        digest = entry[3] if entry and entry[:3] == stamp else sha256_file(file)
+        self._seen[key] = [*stamp, digest]
+        return digest
+
+    def save(self) -> None:
+        """Keep only the files looked at this time, so the cache never outgrows the landing zone."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self._seen), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
 def sha256_lines(lines: Iterable[str]) -> str:
     digest = hashlib.sha256()
     for line in lines:

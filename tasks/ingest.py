@@ -22,11 +22,11 @@ from pathlib import Path
 import yaml
 
 from tasks.common import (
+    FileHashCache,
     PipelineError,
     Workspace,
     read_json,
     run_cli,
-    sha256_file,
     sha256_lines,
     workspace_lock,
     write_json,
@@ -167,13 +167,14 @@ class _Checked:
     height: int
 
 
-def hash_batch(batch_dir: Path, cfg: PipelineConfig) -> tuple[list[_Row], str]:
+def hash_batch(batch_dir: Path, cfg: PipelineConfig, cache: FileHashCache | None = None) -> tuple[list[_Row], str]:
     """The batch's rows with their file hashes, and the batch's content hash."""
     extensions = tuple(e.lower() for e in cfg.ingest.image_extensions)
+    cache = cache or FileHashCache(None)
     rows = []
     for row in read_batch(batch_dir, extensions):
         source = resolve_inside(batch_dir, row.path)
-        digest = sha256_file(source) if source.is_file() else ""
+        digest = cache.sha256(source) if source.is_file() else ""
         rows.append(_Row(source, row, digest))
     return rows, content_hash([(r.row.path, r.row.label, r.sha256) for r in rows])
 
@@ -303,7 +304,9 @@ def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
     landing = (ws.root / cfg.ingest.landing_dir).resolve()
     result = IngestResult()
     with workspace_lock(ws, "ingest"):
-        hashed = {p.name: hash_batch(p, cfg) for p in landing_batches(landing)}
+        cache = FileHashCache(ws.cache / "landing-hashes.json")
+        hashed = {p.name: hash_batch(p, cfg, cache) for p in landing_batches(landing)}
+        cache.save()
         hashes = {name: digest for name, (_, digest) in hashed.items()}
         new, result.skipped = plan_batches(hashes, ingested_batches(ws.raw))
         # Check every new batch before copying any, so one bad batch ingests nothing.

@@ -529,3 +529,18 @@ def test_run_ingest_refuses_a_batch_relabelling_ingested_images(
     with pytest.raises(PipelineError, match="already labelled 'a'"):
         run_ingest(cfg, ws)
     assert not (ws.raw / "b2").exists()
+
+
+def test_file_hash_cache_rehashes_only_changed_files(tmp_path: Path, write_png: Callable[..., Path]) -> None:
+    from tasks.common import FileHashCache
+
+    image = write_png(tmp_path / "x.png", seed=1)
+    cache = FileHashCache(tmp_path / "cache.json")
+    first = cache.sha256(image)
+    cache.save()
+    assert first == sha256_file(image)
+
+    reloaded = FileHashCache(tmp_path / "cache.json")
+    assert reloaded.sha256(image) == first
+    write_png(image, seed=2, size=(9, 9))  # new content, size and mtime
+    assert reloaded.sha256(image) == sha256_file(image) != first
