@@ -64,14 +64,34 @@ def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def wait_for_retrain(url: str, since: float, timeout_s: float = 1800) -> dict[str, Any]:
-    """The first retrain run created after ``since``, once it has finished."""
+def task_states(url: str, flow_run_id: str) -> str:
+    body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    runs = httpx.post(f"{url}/task_runs/filter", json=body, timeout=10).json()
+    return ", ".join(f"{r['name'].rsplit('-', 1)[0] if r['name'].startswith(('ingest', 'register')) else r['name']}: "
+                     f"{r['state_name']}" for r in runs)  # fmt: skip
+
+
+def latest_progress(ws: Workspace) -> str:
+    """The training stage's last progress line, from the serve process's log."""
+    log_file = ws.cache / "services" / "serve.log"
+    if not log_file.is_file():
+        return ""
+    with log_file.open("rb") as fh:
+        fh.seek(max(0, log_file.stat().st_size - 20_000))
+        lines = [ln for ln in fh.read().decode("utf-8", "replace").splitlines() if "img/s" in ln]
+    return lines[-1].split("__main__: ")[-1] if lines else ""
+
+
+def wait_for_retrain(url: str, ws: Workspace, since: float, timeout_s: float = 1800) -> dict[str, Any]:
+    """The first retrain run created after ``since``, once it has finished; shows progress."""
     deadline, last = time.monotonic() + timeout_s, ""
     while time.monotonic() < deadline:
         runs = retrain_runs(url, since)
         if runs:
             run = runs[0]
-            status = f"retrain run '{run['name']}': {run['state_name']}"
+            status = f"retrain '{run['name']}' {run['state_name']} | {task_states(url, run['id'])}"
+            if "train: Running" in status:
+                status += f" | {latest_progress(ws)}"
             if status != last:
                 log.info("%s", status)
                 last = status
@@ -97,18 +117,14 @@ def describe(run: dict[str, Any], ws: Workspace, landed: float) -> str:
 
 
 def registry_summary(ws: Workspace) -> str:
-    from mlflow import MlflowClient
+    from tasks.promote import registry_status
 
-    from tasks.register import tracking_uri
-
-    name = load_params(ws.params).register_.model_name
-    uri = tracking_uri(ws)
-    versions = MlflowClient(uri, uri).search_model_versions(f"name='{name}'")
+    cfg = load_params(ws.params)
     lines = [
-        f"    version {v.version}: {', '.join(sorted(v.aliases)) or '-'}"
-        for v in sorted(versions, key=lambda v: int(v.version))
+        f"    version {row['version']}: {', '.join(row['aliases']) or '-'} (gate: {row['verdict']})"
+        for row in registry_status(cfg, ws)
     ]
-    return f"  registry '{name}':\n" + "\n".join(lines)
+    return f"  registry '{cfg.register_.model_name}':\n" + "\n".join(lines)
 
 
 def next_steps(ws: Workspace, url: str | None) -> str:
@@ -143,7 +159,7 @@ def run_with_services(ws: Workspace, port: int) -> str:
         landed = time.time()
         batch = seed(ws, number)
         log.info("batch %s is in the landing zone; waiting for the retrain it triggers", batch.name)
-        run = wait_for_retrain(url, landed - 1)
+        run = wait_for_retrain(url, ws, landed - 1)
         print(f"\nBatch {batch.name}:\n{describe(run, ws, landed)}\n{registry_summary(ws)}\n")
         if run["state_type"] != "COMPLETED":
             raise PipelineError(f"retrain {run['name']} ended {run['state_name']}; see the Prefect UI")
@@ -157,6 +173,7 @@ def main() -> None:
     parser.add_argument("--once", action="store_true", help="no services: run the retrain flow once, directly")
     args = parser.parse_args()
     setup_cli_logging()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     ws = Workspace(Path(args.workspace).resolve())
     started = time.monotonic()
     try:

@@ -13,14 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.stages import STAGE_TASKS, ingest, register, trained_version
+from flows.stages import STAGE_TASKS, gate, ingest, promote, register, trained_version
 from flows.watch import PIPELINE_LOCK
 from tasks.common import DVC_STAGES, Workspace, read_json, workspace_lock
 
 
-def summary_markdown(ingested: dict[str, Any], stages: list[dict[str, Any]], reg: dict[str, Any], ws: Workspace) -> str:
+def summary_markdown(
+    ingested: dict[str, Any],
+    stages: list[dict[str, Any]],
+    reg: dict[str, Any],
+    ws: Workspace,
+    decision: dict[str, Any] | None = None,
+) -> str:
     metrics = read_json(ws.reports / "metrics.json") if (ws.reports / "metrics.json").is_file() else {}
     train = read_json(ws.reports / "train.json") if (ws.reports / "train.json").is_file() else {}
     lines = [
@@ -44,6 +50,12 @@ def summary_markdown(ingested: dict[str, Any], stages: list[dict[str, Any]], reg
             "",
             f"Training: {train['epochs']} epoch(s) on {train['device']}, {train['train_seconds']:.0f} s, "
             f"{train['images_per_s']:.0f} images/s, val accuracy {train['val_accuracy']:.4f}",
+        ]
+    if decision:
+        lines += [
+            "",
+            f"**Gate: {decision['action'].upper()}** · champion v{decision['from_version']} → "
+            f"v{decision['to_version']} · {decision['reason']}",
         ]
     lines += ["", f"MLflow tracking URI: `{reg['tracking_uri']}`"]
     return "\n".join(lines)
@@ -72,14 +84,28 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[st
             f"# Retrain skipped\n\nData `{current}` already has registered version **{version}**.",
             key="retrain-summary",
         )
-        return {"ingest": ingested, "stages": [], "register": None, "skipped": f"already trained as version {version}"}
+        return {
+            "ingest": ingested,
+            "stages": [],
+            "register": None,
+            "decision": None,
+            "skipped": f"already trained as version {version}",
+        }
     stages = [STAGE_TASKS[stage](stage, str(ws.root)) for stage in DVC_STAGES]
     reg = register(str(ws.root))
+    decision = None
+    if reg["created"]:  # a version already registered for this pipeline state was judged then
+        verdict = gate(str(ws.root), reg["version"])
+        create_markdown_artifact(verdict["markdown"], key="gate-report", description="Promotion gate")
+        create_table_artifact(verdict["per_class"], key="gate-per-class", description="Per-class metrics")
+        decision = promote(str(ws.root), reg["version"], verdict["verdict"], verdict["reasons"], verdict["numbers"])
+        if decision["action"] == "promote":
+            reg["aliases"] = sorted({*reg["aliases"], "champion"})
     create_markdown_artifact(
-        summary_markdown(ingested, stages, reg, ws), key="retrain-summary", description="Retrain run"
+        summary_markdown(ingested, stages, reg, ws, decision), key="retrain-summary", description="Retrain run"
     )
     logger.info("model %s version %s aliases %s", reg["model_name"], reg["version"], reg["aliases"])
-    return {"ingest": ingested, "stages": stages, "register": reg, "skipped": None}
+    return {"ingest": ingested, "stages": stages, "register": reg, "decision": decision, "skipped": None}
 
 
 def main() -> None:

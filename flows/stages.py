@@ -15,7 +15,7 @@ from prefect import Task, get_run_logger, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from tasks.common import DVC_STAGES, ERROR_PREFIX, PipelineError, Workspace
+from tasks.common import DVC_STAGES, ERROR_PREFIX, PipelineError, Workspace, read_json
 from tasks.config import load_params
 from tasks.ingest import run_ingest
 from tasks.register import run_register, version_for_data
@@ -94,3 +94,29 @@ def register(workspace: str) -> dict[str, Any]:
 def trained_version(workspace: str, data_hash: str) -> str | None:
     ws = Workspace(Path(workspace))
     return version_for_data(load_params(ws.params), ws, data_hash)
+
+
+@task(name="gate", **IO_RETRIES)
+def gate(workspace: str, version: str) -> dict[str, Any]:
+    """Challenger vs champion on the same test split; the report, not the models, comes back."""
+    from tasks.gate import per_class_rows, render_markdown, run_gate
+
+    ws = Workspace(Path(workspace))
+    cfg = load_params(ws.params)
+    report = run_gate(cfg, ws, version)
+    champion = read_json(ws.reports / "gate_report.json")["champion_version"]
+    return {
+        "verdict": report.verdict,
+        "reasons": report.reasons(),
+        "numbers": read_json(ws.reports / "gate.json"),
+        "markdown": render_markdown(report, version, champion),
+        "per_class": per_class_rows(report, cfg.classes),
+    }
+
+
+@task(name="promote", **IO_RETRIES)
+def promote(workspace: str, version: str, verdict: str, reasons: str, numbers: dict[str, Any]) -> dict[str, Any]:
+    from tasks.promote import apply_verdict
+
+    ws = Workspace(Path(workspace))
+    return asdict(apply_verdict(load_params(ws.params), ws, version, verdict, reasons, numbers))

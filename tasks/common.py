@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,10 +160,16 @@ def setup_cli_logging(level: int = logging.INFO) -> None:
 
 
 def run_cli(stage: str, fn: Callable[[], object]) -> None:
-    """Run a stage's ``main`` body: user errors become one line on stderr and exit code 2."""
+    """Run a stage's ``main`` body: user errors become one line on stderr and exit code 2.
+
+    The closing "finished in" line is the stage's own work time, which bench/orchestration.py
+    separates from orchestration overhead.
+    """
     setup_cli_logging()
+    started = time.monotonic()
     try:
         fn()
+        log.info("%s finished in %.1f s", stage, time.monotonic() - started)
     except PipelineError as exc:
         print(f"{ERROR_PREFIX}{stage}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -78,9 +78,27 @@ class EvaluateConfig(_Strict):
 class RegisterConfig(_Strict):
     model_name: str = "image-classifier"
     experiment: str = "continuous-transfer-learning"
-    #: Absolute floors a version must meet to become the first champion.
+
+
+class GateConfig(_Strict):
+    """The promotion gate: challenger vs champion on the same current test split."""
+
+    #: Absolute floors (the only rules for the first model, when there is no champion).
     min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.8
     min_macro_f1: Annotated[float, Field(ge=0, le=1)] = 0.8
+    #: How far below the champion the challenger may fall (fractions: 0.005 = half a point).
+    max_accuracy_drop: Annotated[float, Field(ge=0, le=1)] = 0.005
+    max_macro_f1_drop: Annotated[float, Field(ge=0, le=1)] = 0.005
+    #: Exact McNemar test on paired per-image outcomes. ``not_worse``: reject only when the
+    #: challenger is significantly worse; ``significantly_better``: promote only when it is
+    #: significantly better.
+    significance: Literal["not_worse", "significantly_better"] = "not_worse"
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    #: No class's recall may drop by more than this versus the champion (0.05 = 5 points).
+    max_class_recall_drop: Annotated[float, Field(ge=0, le=1)] = 0.05
+    #: Optional budgets; null disables them.
+    max_model_mb: Annotated[float, Field(gt=0)] | None = None
+    max_latency_ms: Annotated[float, Field(gt=0)] | None = None
 
 
 class WatchConfig(_Strict):
@@ -109,6 +127,7 @@ class PipelineConfig(_Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")
+    gate: GateConfig = GateConfig()
     watch: WatchConfig = WatchConfig()
     retrain: RetrainConfig = RetrainConfig()
 

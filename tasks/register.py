@@ -1,8 +1,8 @@
-"""register: log the evaluated model to MLflow, register a version with its lineage, set aliases.
+"""register: log the evaluated model to MLflow and register a version with its lineage.
 
 Not a DVC stage: the registry is live state, not a reproducible output. Every new version
-gets the ``challenger`` alias; the first version that meets the absolute floors in params
-becomes ``champion`` (the champion-vs-challenger gate decides later promotions).
+gets the ``challenger`` alias; whether it becomes ``champion`` is the gate's decision
+(tasks/gate.py, tasks/promote.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import PipelineError, Workspace, read_json, run_cli
-from tasks.config import PipelineConfig, RegisterConfig, load_params
+from tasks.config import PipelineConfig, load_params
 from tasks.ingest import dvc_data_hash
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,6 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     if isinstance(value, list | tuple):
         return {prefix: ",".join(str(v) for v in value)}
     return {prefix: value}
-
-
-def meets_floors(metrics: dict[str, float], cfg: RegisterConfig) -> tuple[bool, list[str]]:
-    """Whether test metrics reach the absolute floors, and which ones fall short."""
-    failures = []
-    for key, floor in (("accuracy", cfg.min_accuracy), ("macro_f1", cfg.min_macro_f1)):
-        value = metrics.get(key)
-        if value is None or value < floor:
-            failures.append(f"{key} {value if value is None else round(value, 4)} < {floor}")
-    return not failures, failures
 
 
 def params_hash(cfg: PipelineConfig) -> str:
@@ -113,6 +103,7 @@ def collect_lineage(cfg: PipelineConfig, ws: Workspace) -> dict[str, str]:
         "params_hash": params_hash(cfg),
         "batch_ids": ",".join(validation["batches"]),
         "n_images": str(validation["n_images"]),
+        "classes": json.dumps(list(cfg.classes)),
     }
 
 
@@ -189,7 +180,8 @@ def _log_run(cfg: PipelineConfig, ws: Workspace, experiment_id: str, lineage: di
             name="model",
             signature=signature,
             input_example=example,
-            code_paths=[str(Path(__file__).resolve().parent)],
+            # torch.export's format: the registry holds a graph, not a pickle of our classes.
+            serialization_format="pt2",
             pip_requirements=_requirements(),
         )
     return run.info.run_id, info.model_uri
@@ -213,7 +205,6 @@ def run_register(cfg: PipelineConfig, ws: Workspace) -> RegisterResult:
 
 def _register(cfg: PipelineConfig, ws: Workspace, client: Any, uri: str, artifacts: str | None) -> RegisterResult:
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     rcfg = cfg.register_
     lineage = collect_lineage(cfg, ws)
@@ -232,18 +223,6 @@ def _register(cfg: PipelineConfig, ws: Workspace, client: Any, uri: str, artifac
     version = str(mlflow.register_model(model_uri, rcfg.model_name, tags=lineage).version)
     client.set_registered_model_alias(rcfg.model_name, CHALLENGER, version)
     aliases = [CHALLENGER]
-    try:
-        champion = client.get_model_version_by_alias(rcfg.model_name, CHAMPION).version
-    except MlflowException:
-        champion = None
-    if champion is None:
-        ok, failures = meets_floors(read_json(ws.reports / "metrics.json").get("test", {}), rcfg)
-        if ok:
-            client.set_registered_model_alias(rcfg.model_name, CHAMPION, version)
-            aliases.append(CHAMPION)
-        else:
-            client.set_model_version_tag(rcfg.model_name, version, "rejected_reason", "; ".join(failures))
-            log.warning("version %s is below the floors for a first champion: %s", version, "; ".join(failures))
     log.info("registered %s version %s (%s)", rcfg.model_name, version, ", ".join(aliases))
     return RegisterResult(rcfg.model_name, version, run_id, tuple(aliases), uri, True)
 

@@ -50,7 +50,8 @@ def tiny_params() -> dict:
     params["train"].update(
         epochs=2, batch_size=32, image_size=32, strategy="partial", frozen_stages=2, lr=0.003, num_threads=2
     )
-    params["register"].update(model_name="tiny-classifier", min_accuracy=0.6, min_macro_f1=0.6)
+    params["register"].update(model_name="tiny-classifier")
+    params["gate"].update(min_accuracy=0.6, min_macro_f1=0.6)
     return params
 
 

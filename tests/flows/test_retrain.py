@@ -137,11 +137,11 @@ def test_rerun_with_nothing_new_registers_nothing(trained: dict) -> None:
 # ---------------------------------------------------------------- failures
 
 
-def registry_state(ws: Path) -> list[tuple[str, tuple[str, ...]]]:
-    if not (ws / "mlflow" / "mlflow.db").exists():
-        return []
-    versions = registry(ws).search_model_versions("name='tiny-classifier'")
-    return sorted((v.version, tuple(sorted(v.aliases))) for v in versions)
+def registry_state(ws: Path) -> tuple[list[str], dict[str, str]]:
+    """Versions and aliases (search results carry no aliases; the registered model does)."""
+    client = registry(ws)
+    versions = sorted(str(v.version) for v in client.search_model_versions("name='tiny-classifier'"))
+    return versions, {a: str(v) for a, v in client.get_registered_model("tiny-classifier").aliases.items()}
 
 
 def failed_flow_message(ws: Path) -> str:
@@ -166,6 +166,7 @@ def test_bad_batch_fails_flow_and_leaves_registry_and_landing(registered: Path) 
     ws = registered
     write_batch(ws / "landing" / "batch-002", 30, seed=2, labels_override={3: "purple"})
     landing, before = tree_digest(ws / "landing"), registry_state(ws)
+    assert before == (["1"], {"champion": "1", "challenger": "1"})
     message = failed_flow_message(ws)
     assert "unknown label 'purple'" in message and "allowed: red, green, blue" in message
     assert tree_digest(ws / "landing") == landing

@@ -33,7 +33,8 @@ def test_defaults_fill_every_section() -> None:
     assert cfg.train.image_size is None
     assert cfg.train.augment.hflip is True
     assert cfg.evaluate.batch_size == 512
-    assert cfg.register_.min_accuracy == 0.8
+    assert cfg.gate.min_accuracy == 0.8
+    assert cfg.gate.significance == "not_worse"
 
 
 def test_validate_and_register_sections_are_read_through_their_aliases() -> None:
@@ -41,13 +42,13 @@ def test_validate_and_register_sections_are_read_through_their_aliases() -> None
         {
             "classes": ["a", "b"],
             "validate": {"max_image_side": 64},
-            "register": {"model_name": "m", "min_macro_f1": 0.5},
+            "register": {"model_name": "m", "experiment": "e"},
         }
     )
 
     assert cfg.validate_.max_image_side == 64
     assert cfg.register_.model_name == "m"
-    assert cfg.register_.min_macro_f1 == 0.5
+    assert cfg.register_.experiment == "e"
 
 
 def test_config_is_frozen() -> None:
@@ -61,7 +62,7 @@ def test_unknown_top_level_key_is_named_with_the_allowed_keys() -> None:
     message = parse_error({"classes": ["a", "b"], "trian": {"epochs": 1}})
 
     assert "unknown key 'trian'" in message
-    assert "allowed: classes, evaluate, ingest, prepare, register, retrain, train, validate, watch" in message
+    assert "allowed: classes, evaluate, gate, ingest, prepare, register, retrain, train, validate, watch" in message
     assert message.startswith("params.yaml: ")
 
 
@@ -102,7 +103,8 @@ def test_every_problem_is_reported_at_once() -> None:
         ("train", {"lr": -1.0}, "'train.lr'", "greater than 0"),
         ("prepare", {"val_fraction": 1.0}, "'prepare.val_fraction'", "less than 1"),
         ("validate", {"max_image_side": "big"}, "'validate.max_image_side'", "'big'"),
-        ("register", {"min_accuracy": 1.5}, "'register.min_accuracy'", "less than or equal to 1"),
+        ("gate", {"min_accuracy": 1.5}, "'gate.min_accuracy'", "less than or equal to 1"),
+        ("gate", {"significance": "maybe"}, "'gate.significance'", "'not_worse' or 'significantly_better'"),
         ("train", {"augment": {"translate": -1}}, "'train.augment.translate'", "greater than or equal to 0"),
     ],
 )

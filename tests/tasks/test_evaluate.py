@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.evaluate import compute_metrics, write_predictions
+from tasks.evaluate import write_predictions
+from tasks.metrics import compute_metrics
 
 CLASSES = ("a", "b", "c", "d")
 # d never occurs: neither as a true label nor as a prediction.

@@ -4,8 +4,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tasks.config import PipelineConfig, RegisterConfig, parse_params
-from tasks.register import flatten, meets_floors, params_hash
+from tasks.config import PipelineConfig, parse_params
+from tasks.register import flatten, params_hash
 
 
 def test_flatten_joins_nested_keys_with_dots() -> None:
@@ -36,35 +36,9 @@ def test_flatten_of_a_whole_config_uses_the_params_yaml_names(make_cfg: Callable
 
     assert flat["classes"] == "a,b"
     assert flat["validate.max_image_side"] == 4096
-    assert flat["register.min_accuracy"] == 0.8
+    assert flat["gate.min_accuracy"] == 0.8
     assert flat["train.augment.hflip"] is True
     assert not any(key.endswith("_") or "validate_" in key for key in flat)
-
-
-FLOORS = RegisterConfig(min_accuracy=0.85, min_macro_f1=0.8)
-
-
-def test_meets_floors_passes_at_or_above_the_floors() -> None:
-    assert meets_floors({"accuracy": 0.9, "macro_f1": 0.81}, FLOORS) == (True, [])
-    assert meets_floors({"accuracy": 0.85, "macro_f1": 0.8}, FLOORS) == (True, [])
-
-
-def test_meets_floors_lists_every_shortfall() -> None:
-    ok, failures = meets_floors({"accuracy": 0.51234, "macro_f1": 0.4}, FLOORS)
-
-    assert ok is False
-    assert failures == ["accuracy 0.5123 < 0.85", "macro_f1 0.4 < 0.8"]
-
-
-def test_meets_floors_fails_one_metric() -> None:
-    assert meets_floors({"accuracy": 0.95, "macro_f1": 0.7}, FLOORS) == (False, ["macro_f1 0.7 < 0.8"])
-
-
-def test_meets_floors_treats_a_missing_metric_as_failing() -> None:
-    ok, failures = meets_floors({"accuracy": 0.99}, FLOORS)
-
-    assert ok is False
-    assert failures == ["macro_f1 None < 0.8"]
 
 
 def test_params_hash_is_stable_and_order_independent() -> None:
@@ -87,7 +61,7 @@ def test_params_hash_counts_defaults_like_explicit_values() -> None:
         {"train": {"lr": 0.01}},
         {"train": {"augment": {"hflip": False}}},
         {"validate": {"max_image_side": 10}},
-        {"register": {"min_accuracy": 0.5}},
+        {"gate": {"min_accuracy": 0.5}},
         {"classes": ["b", "a"]},
     ],
 )

@@ -1,0 +1,164 @@
+"""Integration: the promotion gate against a real MLflow registry (SQLite in tmp_path).
+
+One workspace goes through the story in order: a weak first champion; a challenger that
+improves overall but destroys one class (rejected by the per-class guard); a clearly better
+challenger (promoted, the old champion becomes ``previous``); a clearly worse one (rejected,
+the champion does not move); a rollback. The audit log must hold the decisions in order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tasks.common import Workspace
+from tasks.config import load_params
+from tests.helpers import TINY_CLASSES, make_workspace, tiny_params, write_batch
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+
+MODEL = "tiny-classifier"
+#: Settings that barely move a randomly initialised network: a weak or clearly worse model.
+WEAK = {"weights": "none", "epochs": 1, "lr": 1e-6, "strategy": "fine_tune"}
+
+
+def set_train(ws: Path, **train: object) -> None:
+    params = tiny_params()
+    params["gate"].update(min_accuracy=0.0, min_macro_f1=0.0)  # this story is about the relative rules
+    params["train"].update(train)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def client(ws: Path) -> MlflowClient:
+    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
+    return MlflowClient(uri, uri)
+
+
+def aliases(ws: Path) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client(ws).get_registered_model(MODEL).aliases.items()}
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from flows.retrain import retrain
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        ws = make_workspace(tmp_path_factory.mktemp("gate") / "ws")
+        write_batch(ws / "landing" / "batch-001", 300, seed=3)
+        steps: dict = {}
+        set_train(ws, **WEAK, seed=1)
+        steps["weak"] = retrain(workspace=str(ws))
+        steps["per_class"] = destroy_one_class(ws)
+        set_train(ws)  # the normal tiny settings: pretrained, two epochs
+        steps["better"] = retrain(workspace=str(ws))
+        set_train(ws, **WEAK, seed=2)
+        steps["worse"] = retrain(workspace=str(ws))
+        from tasks.promote import read_audit, rollback
+
+        steps["rollback"] = rollback(load_params(ws / "params.yaml"), Workspace(ws), "worse on customer data")
+        steps["audit"] = read_audit(Workspace(ws))
+    return {"ws": ws, **steps}
+
+
+def destroy_one_class(ws: Path) -> dict:
+    """Gate a challenger whose test predictions are perfect except for the class the weak
+    champion recalls best, which it always gets wrong: better overall, one class destroyed."""
+    from tasks.gate import run_gate
+
+    evaluation = ws / "reports" / "evaluation" / "confusion_test.csv"
+    rows = list(csv.DictReader(evaluation.open()))
+    champion_recall = {
+        c: np.mean([r["predicted"] == c for r in rows if r["actual"] == c]) for c in TINY_CLASSES
+    }  # fmt: skip
+    victim = max(champion_recall, key=champion_recall.get)
+    other = next(c for c in TINY_CLASSES if c != victim)
+    original = evaluation.read_text()
+    with evaluation.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((r["actual"], other if r["actual"] == victim else r["actual"]) for r in rows)
+    cfg = load_params(ws / "params.yaml")
+    report = run_gate(cfg, Workspace(ws), "challenger-under-test")
+    evaluation.write_text(original)
+    return {"report": report, "victim": victim, "champion_recall": champion_recall[victim]}
+
+
+def test_first_model_is_judged_on_floors_and_becomes_champion(story: dict) -> None:
+    weak = story["weak"]
+    assert weak["decision"]["action"] == "promote"
+    assert weak["decision"]["from_version"] is None and weak["decision"]["to_version"] == "1"
+
+
+def test_per_class_guard_rejects_a_challenger_that_destroys_one_class(story: dict) -> None:
+    report, victim = story["per_class"]["report"], story["per_class"]["victim"]
+    assert story["per_class"]["champion_recall"] > 0.05  # the champion did recall that class
+    assert report.verdict == "reject"
+    failed = [r.name for r in report.failures()]
+    assert failed == [f"class_recall:{victim}"]  # better overall: only the class guard objects
+    assert report.challenger["accuracy"] > report.champion["accuracy"]
+
+
+def test_better_challenger_is_promoted_and_old_champion_becomes_previous(story: dict) -> None:
+    better = story["better"]
+    assert better["decision"]["action"] == "promote"
+    assert better["decision"]["from_version"] == "1" and better["decision"]["to_version"] == "2"
+    version = client(story["ws"]).get_model_version(MODEL, "2")
+    assert version.tags["gate.verdict"] == "promote"
+    run = client(story["ws"]).get_run(version.run_id)
+    assert run.data.tags["gate.verdict"] == "promote"
+    artifacts = [a.path for a in client(story["ws"]).list_artifacts(version.run_id, "gate")]
+    assert artifacts == ["gate/gate_report.json"]
+
+
+def test_worse_challenger_is_rejected_and_champion_does_not_move(story: dict) -> None:
+    worse = story["worse"]
+    assert worse["decision"]["action"] == "reject"
+    assert worse["decision"]["from_version"] == worse["decision"]["to_version"] == "2"
+    version = client(story["ws"]).get_model_version(MODEL, "3")
+    assert version.tags["gate.verdict"] == "reject"
+    assert "max_accuracy_drop" in version.tags["rejected_reason"]
+    gate = json.loads((story["ws"] / "reports" / "gate.json").read_text())
+    assert gate["promoted"] is False
+    assert gate["champion"]["accuracy"] > gate["challenger"]["accuracy"]
+    assert gate["mcnemar"]["champion_only"] > gate["mcnemar"]["challenger_only"]
+
+
+def test_rollback_restores_previous_champion_and_audit_is_in_order(story: dict) -> None:
+    assert story["rollback"].from_version == "2" and story["rollback"].to_version == "1"
+    assert aliases(story["ws"]) == {"champion": "1", "previous": "2", "challenger": "3"}
+    actions = [(e["action"], e["candidate"], e["from_version"], e["to_version"]) for e in story["audit"]]
+    assert actions == [
+        ("promote", "1", None, "1"),
+        ("promote", "2", "1", "2"),
+        ("reject", "3", "2", "2"),
+        ("rollback", "1", "2", "1"),
+    ]
+    assert story["audit"][-1]["reason"] == "worse on customer data"
+    assert story["audit"][1]["actor"].startswith("prefect flow run ")
+    assert all(e["at"] for e in story["audit"])
+
+
+def test_registry_never_left_without_champion(story: dict) -> None:
+    assert "champion" in aliases(story["ws"])
+
+
+def test_status_and_history_cli(story: dict) -> None:
+    import subprocess
+    import sys
+
+    ws = story["ws"]
+    status = subprocess.run(
+        [sys.executable, "-m", "tasks.promote", "status"], cwd=ws, capture_output=True, text=True, check=True
+    ).stdout
+    assert "v1" in status and "champion" in status and "gate=reject" in status
+    history = subprocess.run(
+        [sys.executable, "-m", "tasks.promote", "history"], cwd=ws, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert [line.split()[1] for line in history] == ["promote", "promote", "reject", "rollback"]
