@@ -245,9 +245,14 @@ def to_model_input(
 
 
 @torch.inference_mode()
-def predict_logits(model: ImageClassifier, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    """Logits for uint8 images (N, H, W, 3), in batches, as float32 numpy."""
-    model.eval()
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """Logits for uint8 images (N, H, W, 3), in batches, as float32 numpy.
+
+    ``model`` is an ImageClassifier or the torch.export graph MLflow loads back from the
+    registry (exported in eval mode; it refuses ``.eval()``).
+    """
+    if isinstance(model, ImageClassifier):
+        model.eval()
     out = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for start in range(0, len(images), batch_size):
@@ -255,7 +260,7 @@ def predict_logits(model: ImageClassifier, images: np.ndarray, batch_size: int, 
         with autocast:
             out.append(model(batch).float().cpu())
     if not out:
-        return np.zeros((0, len(model.classes)), dtype=np.float32)
+        return np.zeros((0, len(getattr(model, "classes", ()))), dtype=np.float32)
     return torch.cat(out).numpy()
 
 

@@ -121,7 +121,7 @@ def test_new_batch_triggers_a_retrain_that_registers_a_model(served: dict) -> No
     finished = ("COMPLETED", "FAILED", "CRASHED")
     final = wait_for(
         lambda: next((r for r in flow_runs(url, "retrain") if r["state_type"] in finished), None),
-        300, "the retrain run to finish", every=3,
+        600, "the retrain run to finish", every=3,
     )  # fmt: skip
     assert final["state_type"] == "COMPLETED", served["log"].read_text()[-3000:]
     data_hash = yaml.safe_load((ws / "data" / "raw.dvc").read_text())["outs"][0]["md5"]

@@ -24,13 +24,19 @@ from tests.helpers import TINY_CLASSES, make_workspace, tiny_params, write_batch
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
 MODEL = "tiny-classifier"
-#: Settings that barely move a randomly initialised network: a weak or clearly worse model.
-WEAK = {"weights": "none", "epochs": 1, "lr": 1e-6, "strategy": "fine_tune"}
+#: A first champion that is mediocre but not degenerate: a linear head on frozen features,
+#: trained briefly. (A constant predictor would have 100% recall on one class, which no
+#: real challenger keeps.)
+MODERATE = {"strategy": "feature_extraction", "epochs": 1, "lr": 0.002}
+#: Settings that barely move a randomly initialised network: a clearly worse model.
+BROKEN = {"weights": "none", "epochs": 1, "lr": 1e-6, "strategy": "fine_tune"}
+#: Recall can move one image (about 5 points) per class on this small test split.
+CLASS_GUARD = 0.1
 
 
 def set_train(ws: Path, **train: object) -> None:
     params = tiny_params()
-    params["gate"].update(min_accuracy=0.0, min_macro_f1=0.0)  # this story is about the relative rules
+    params["gate"].update(min_accuracy=0.0, min_macro_f1=0.0, max_class_recall_drop=CLASS_GUARD)  # relative rules
     params["train"].update(train)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -53,12 +59,12 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ws = make_workspace(tmp_path_factory.mktemp("gate") / "ws")
         write_batch(ws / "landing" / "batch-001", 300, seed=3)
         steps: dict = {}
-        set_train(ws, **WEAK, seed=1)
-        steps["weak"] = retrain(workspace=str(ws))
+        set_train(ws, **MODERATE)
+        steps["first"] = retrain(workspace=str(ws))
         steps["per_class"] = destroy_one_class(ws)
         set_train(ws)  # the normal tiny settings: pretrained, two epochs
         steps["better"] = retrain(workspace=str(ws))
-        set_train(ws, **WEAK, seed=2)
+        set_train(ws, **BROKEN)
         steps["worse"] = retrain(workspace=str(ws))
         from tasks.promote import read_audit, rollback
 
@@ -68,8 +74,9 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def destroy_one_class(ws: Path) -> dict:
-    """Gate a challenger whose test predictions are perfect except for the class the weak
-    champion recalls best, which it always gets wrong: better overall, one class destroyed."""
+    """Gate a challenger whose test predictions are perfect except for the class the
+    champion recalls best, whose recall it cuts by 30 points: better overall, one class
+    destroyed."""
     from tasks.gate import run_gate
 
     evaluation = ws / "reports" / "evaluation" / "confusion_test.csv"
@@ -79,11 +86,15 @@ def destroy_one_class(ws: Path) -> dict:
     }  # fmt: skip
     victim = max(champion_recall, key=champion_recall.get)
     other = next(c for c in TINY_CLASSES if c != victim)
+    victims = [i for i, r in enumerate(rows) if r["actual"] == victim]
+    keep = set(victims[: int(len(victims) * max(0.0, champion_recall[victim] - 0.3))])
     original = evaluation.read_text()
     with evaluation.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["actual", "predicted"])
-        writer.writerows((r["actual"], other if r["actual"] == victim else r["actual"]) for r in rows)
+        writer.writerows(
+            (r["actual"], other if r["actual"] == victim and i not in keep else r["actual"]) for i, r in enumerate(rows)
+        )
     cfg = load_params(ws / "params.yaml")
     report = run_gate(cfg, Workspace(ws), "challenger-under-test")
     evaluation.write_text(original)
@@ -91,14 +102,14 @@ def destroy_one_class(ws: Path) -> dict:
 
 
 def test_first_model_is_judged_on_floors_and_becomes_champion(story: dict) -> None:
-    weak = story["weak"]
-    assert weak["decision"]["action"] == "promote"
-    assert weak["decision"]["from_version"] is None and weak["decision"]["to_version"] == "1"
+    first = story["first"]
+    assert first["decision"]["action"] == "promote"
+    assert first["decision"]["from_version"] is None and first["decision"]["to_version"] == "1"
 
 
 def test_per_class_guard_rejects_a_challenger_that_destroys_one_class(story: dict) -> None:
     report, victim = story["per_class"]["report"], story["per_class"]["victim"]
-    assert story["per_class"]["champion_recall"] > 0.05  # the champion did recall that class
+    assert story["per_class"]["champion_recall"] > 0.3 + CLASS_GUARD  # the champion did recall that class
     assert report.verdict == "reject"
     failed = [r.name for r in report.failures()]
     assert failed == [f"class_recall:{victim}"]  # better overall: only the class guard objects
