@@ -57,7 +57,9 @@ def seed(ws: Workspace, number: int) -> Path:
 def retrain_runs(url: str, since: float) -> list[dict[str, Any]]:
     body = {"deployments": {"name": {"any_": ["retrain"]}}, "sort": "EXPECTED_START_TIME_ASC"}
     runs = httpx.post(f"{url}/flow_runs/filter", json=body, timeout=10).json()
-    return [r for r in runs if r["state_type"] != "SCHEDULED" and _ts(r["created"]) >= since]
+    # Runs the cron schedule created ahead of time stay "Scheduled"; a triggered run shows up
+    # at once (possibly "AwaitingConcurrencySlot" behind another retrain).
+    return [r for r in runs if r["state_name"] != "Scheduled" and _ts(r["created"]) >= since]
 
 
 def _ts(iso: str) -> float:

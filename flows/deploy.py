@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from prefect import serve
@@ -52,6 +53,75 @@ def build_deployments(ws: Workspace, cfg: PipelineConfig, interval_s: int | None
     return [watch, train]
 
 
+#: Flow runs started by the served deployments send a heartbeat this often (seconds) ...
+HEARTBEAT_S = 30
+#: ... and a run silent for this long (its process was killed) is marked Crashed.
+SILENCE_S = 120
+CRASH_AUTOMATION = "ctl: mark flow runs without heartbeats as crashed"
+
+
+def ensure_crash_detection() -> None:
+    """An automation that marks a run Crashed when its heartbeats stop (the serve process
+    was killed mid-run), so the UI shows the truth and the next trigger starts clean."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    try:
+        Automation.read(name=CRASH_AUTOMATION)
+        return
+    except ValueError:
+        pass
+    terminal = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+    Automation(
+        name=CRASH_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *terminal},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=SILENCE_S),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"no heartbeat for {SILENCE_S} s")],
+    ).create()
+
+
+def crash_orphaned_runs(deployments: list[str]) -> list[str]:
+    """Mark runs of our deployments still Running/Pending as Crashed, at serve start-up.
+
+    Only one serve process runs these deployments (``make up`` refuses a second), so when it
+    starts, a run that claims to be running was orphaned by a killed predecessor. Left alone
+    it would hold the retrain concurrency slot forever and every new trigger would queue
+    behind it.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    live = [StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=deployments)),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=live))),
+        )
+        for run in runs:
+            client.set_flow_run_state(run.id, Crashed(message="orphaned: the serve process was restarted"), force=True)
+    return [run.name for run in runs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the watch-landing and retrain deployments.")
     parser.add_argument("--workspace", default=".", help="the git + DVC repository (default: .)")
@@ -60,8 +130,13 @@ def main() -> None:
     from flows.server import require_api
 
     require_api()
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))  # inherited by flow runs
+    ensure_crash_detection()
     ws = Workspace(Path(args.workspace).resolve())
-    serve(*build_deployments(ws, load_params(ws.params), args.interval))
+    deployments = build_deployments(ws, load_params(ws.params), args.interval)
+    if orphans := crash_orphaned_runs([d.name for d in deployments]):
+        print(f"marked orphaned runs as crashed: {', '.join(orphans)}")
+    serve(*deployments)
 
 
 if __name__ == "__main__":

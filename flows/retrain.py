@@ -113,6 +113,10 @@ def main() -> None:
     parser.add_argument("--workspace", default=".", help="the git + DVC repository to run in (default: .)")
     parser.add_argument("--skip-ingest", action="store_true", help="do not look at the landing zone")
     args = parser.parse_args()
+    from flows.server import api_url, require_api
+
+    if api_url():  # a configured server must answer; without one Prefect starts a temporary API
+        require_api()
     result = retrain(workspace=args.workspace, skip_ingest=args.skip_ingest)
     print(json.dumps(result, indent=2, default=str))
 

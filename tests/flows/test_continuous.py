@@ -154,3 +154,22 @@ def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def test_serve_restart_marks_orphaned_runs_crashed(served: dict) -> None:
+    """A retrain left "Running" by a killed serve process is marked Crashed when serving
+    starts again, so it no longer holds the retrain concurrency slot."""
+    url = served["url"]
+    deployment = httpx.get(f"{url}/deployments/name/retrain/retrain", timeout=10).json()
+    run = httpx.post(f"{url}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).json()
+    state = {"type": "RUNNING", "name": "Running", "message": "pretend its serve process was killed"}
+    httpx.post(f"{url}/flow_runs/{run['id']}/set_state", json={"state": state, "force": True}, timeout=10)
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "from flows.deploy import crash_orphaned_runs; print(crash_orphaned_runs(['retrain']))"],
+        cwd=REPO, env={**os.environ, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run["name"] in proc.stdout, proc.stderr
+    after = httpx.get(f"{url}/flow_runs/{run['id']}", timeout=10).json()
+    assert after["state_type"] == "CRASHED"
+    assert "orphaned" in after["state"]["message"]
