@@ -32,6 +32,8 @@ def build_deployments(ws: Workspace, cfg: PipelineConfig, interval_s: int | None
         name="watch-landing",
         interval=interval_s or cfg.watch.interval_s,
         parameters={"workspace": workspace},
+        # A tick that would overlap a running one is dropped: the next tick sees the same disk state.
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
         description="Ingest new landing batches; emit dataset.updated when the data changed.",
         tags=["continuous-training"],
     )

@@ -70,6 +70,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def serving(ws: Workspace) -> bool:
+    pidfile = _pidfile(ws, "serve")
+    return pidfile.is_file() and _alive(int(pidfile.read_text()))
+
+
+def start_serve(ws: Workspace, url: str, interval: int | None) -> int:
+    env = dict(os.environ, PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    serve_cmd = [sys.executable, "-m", "flows.deploy", "--workspace", str(ws.root)]
+    if interval:
+        serve_cmd += ["--interval", str(interval)]
+    return _start(ws, "serve", serve_cmd, env)
+
+
 def up(ws: Workspace, port: int, interval: int | None) -> str:
     url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -77,19 +90,17 @@ def up(ws: Workspace, port: int, interval: int | None) -> str:
         pidfile = _pidfile(ws, name)
         if pidfile.is_file() and _alive(int(pidfile.read_text())):
             raise PipelineError(f"{name} already running (pid {pidfile.read_text()}); `make down` first")
+    if healthy(url):
+        raise PipelineError(f"something already answers at {url}; stop it or set PREFECT_PORT")
     prefect = [sys.executable, "-m", "prefect"]
     _start(ws, "server", [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
     deadline = time.monotonic() + 120
     while not healthy(url):
         if time.monotonic() > deadline:
-            raise PipelineError(
-                f"the Prefect server did not answer at {url} within 120 s; see .cache/services/server.log"
-            )
+            log = ws.cache / "services" / "server.log"
+            raise PipelineError(f"the Prefect server did not answer at {url} within 120 s; see {log}")
         time.sleep(1)
-    serve_cmd = [sys.executable, "-m", "flows.deploy", "--workspace", str(ws.root)]
-    if interval:
-        serve_cmd += ["--interval", str(interval)]
-    _start(ws, "serve", serve_cmd, env)
+    start_serve(ws, url, interval)
     return url
 
 

@@ -96,6 +96,10 @@ def batch_ranges(first: int, size: int, total: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def batch_name(number: int) -> str:
+    return f"fmnist-{number:03d}"
+
+
 def deliver_batch(landing: Path, source: Path, number: int, first: int, size: int) -> Path:
     """Write the demo's ``number``-th landing batch (1-based); a no-op when it exists."""
     images, labels = load_split(source, "train")
@@ -103,7 +107,7 @@ def deliver_batch(landing: Path, source: Path, number: int, first: int, size: in
     if not 1 <= number <= len(ranges):
         raise PipelineError(f"batch number {number} out of range; the demo has batches 1..{len(ranges)}")
     lo, hi = ranges[number - 1]
-    target = landing / f"fmnist-{number:03d}"
+    target = landing / batch_name(number)
     landing.mkdir(parents=True, exist_ok=True)
     write_labeled_dir(target, images[lo:hi], labels[lo:hi], f"train{lo:05d}")
     return target
