@@ -94,7 +94,7 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[st
     stages = [STAGE_TASKS[stage](stage, str(ws.root)) for stage in DVC_STAGES]
     reg = register(str(ws.root))
     decision = None
-    if reg["created"]:  # a version already registered for this pipeline state was judged then
+    if not reg["judged"]:  # a version registered earlier for this pipeline state was judged then
         verdict = gate(str(ws.root), reg["version"])
         create_markdown_artifact(verdict["markdown"], key="gate-report", description="Promotion gate")
         create_table_artifact(verdict["per_class"], key="gate-per-class", description="Per-class metrics")

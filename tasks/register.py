@@ -127,6 +127,9 @@ class RegisterResult:
     aliases: tuple[str, ...]
     tracking_uri: str
     created: bool
+    #: Whether the gate has decided on this version (a crash between register and the gate
+    #: leaves it undecided; the next run judges it).
+    judged: bool = False
 
 
 def _ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
@@ -215,8 +218,10 @@ def _register(cfg: PipelineConfig, ws: Workspace, client: Any, uri: str, artifac
             existing.version,
             lineage["dvc_lock_hash"][:12],
         )
+        version = client.get_model_version(rcfg.model_name, existing.version)  # search results lack aliases
+        judged = "gate.verdict" in version.tags
         return RegisterResult(
-            rcfg.model_name, str(existing.version), existing.run_id, tuple(existing.aliases), uri, False
+            rcfg.model_name, str(version.version), version.run_id, tuple(version.aliases), uri, False, judged
         )
     experiment_id = _ensure_experiment(client, rcfg.experiment, artifacts)
     run_id, model_uri = _log_run(cfg, ws, experiment_id, lineage)

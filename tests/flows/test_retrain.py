@@ -131,6 +131,8 @@ def test_rerun_with_nothing_new_registers_nothing(trained: dict) -> None:
     assert result["ingest"]["skipped"] == ["batch-001"]
     assert not any(s["ran"] for s in result["stages"])
     assert result["register"]["created"] is False
+    assert result["register"]["judged"] is True and result["decision"] is None  # judged in the first run
+    assert set(result["register"]["aliases"]) == {"challenger", "champion"}
     assert len(registry(ws).search_model_versions("name='tiny-classifier'")) == 1
 
 
