@@ -17,7 +17,13 @@ class _Strict(BaseModel):
 
 class IngestConfig(_Strict):
     landing_dir: str = "landing"
+    #: Matched case-insensitively: stored lower-case.
     image_extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+    @field_validator("image_extensions")
+    @classmethod
+    def _lower_case(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(e.lower() for e in value)
 
 
 class ValidateConfig(_Strict):

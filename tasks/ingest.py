@@ -169,7 +169,7 @@ class _Checked:
 
 def hash_batch(batch_dir: Path, cfg: PipelineConfig, cache: FileHashCache | None = None) -> tuple[list[_Row], str]:
     """The batch's rows with their file hashes, and the batch's content hash."""
-    extensions = tuple(e.lower() for e in cfg.ingest.image_extensions)
+    extensions = cfg.ingest.image_extensions
     cache = cache or FileHashCache(None)
     rows = []
     for row in read_batch(batch_dir, extensions):
@@ -187,7 +187,7 @@ def check_batch(
     ``known_labels`` maps the sha256 of images ingested so far (and of earlier rows of this
     batch) to their label: the same image under another label is a conflict.
     """
-    extensions = tuple(e.lower() for e in cfg.ingest.image_extensions)
+    extensions = cfg.ingest.image_extensions
     labels = dict(known_labels or {})
     checked, problems = [], []
     for item in rows:

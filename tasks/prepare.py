@@ -92,7 +92,7 @@ def benchmark_rows(benchmark_dir: Path, cfg: PipelineConfig) -> list[tuple[Path,
     """The fixed benchmark set (same layout as a landing batch), or nothing when absent."""
     if not benchmark_dir.is_dir() or not any(benchmark_dir.iterdir()):
         return []
-    extensions = tuple(e.lower() for e in cfg.ingest.image_extensions)
+    extensions = cfg.ingest.image_extensions
     classes = cfg.classes
     rows = [(resolve_inside(benchmark_dir, r.path), r.label) for r in read_batch(benchmark_dir, extensions)]
     unknown = sorted({label for _, label in rows} - set(classes))

@@ -7,10 +7,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 from PIL import Image
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLASSES = ["red", "green", "blue"]
@@ -80,3 +84,15 @@ def make_workspace(root: Path, params: dict | None = None) -> Path:
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "workspace"], root)
     return root
+
+
+def store_uri(ws: Path) -> str:
+    """The workspace's default MLflow store."""
+    return f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
+
+
+def registry_client(ws: Path) -> MlflowClient:
+    """An MLflow client on the workspace's store, without setting MLflow's global tracking URI."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(store_uri(ws), store_uri(ws))

@@ -19,9 +19,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import yaml
-from mlflow import MlflowClient
 
-from tests.helpers import REPO, make_workspace, tiny_params, write_batch
+from tests.helpers import REPO, make_workspace, registry_client, tiny_params, write_batch
 
 pytestmark = pytest.mark.integration
 
@@ -127,8 +126,7 @@ def test_new_batch_triggers_a_retrain_that_registers_a_model(served: dict) -> No
     data_hash = yaml.safe_load((ws / "data" / "raw.dvc").read_text())["outs"][0]["md5"]
     assert run["parameters"]["data_hash"] == data_hash  # templated from the event payload
     assert run["parameters"]["workspace"] == str(ws)
-    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
-    versions = MlflowClient(uri, uri).search_model_versions("name='tiny-classifier'")
+    versions = registry_client(ws).search_model_versions("name='tiny-classifier'")
     assert [v.tags["dvc_data_hash"] for v in versions] == [data_hash]
     started = _epoch(final["start_time"])
     print(f"latency from landing to retrain start: {started - landed:.1f} s (watch interval {WATCH_INTERVAL_S} s)")

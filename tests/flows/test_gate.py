@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from mlflow import MlflowClient
 
 from tasks.common import Workspace
 from tasks.config import load_params
-from tests.helpers import TINY_CLASSES, make_workspace, tiny_params, write_batch
+from tests.helpers import TINY_CLASSES, make_workspace, registry_client, tiny_params, write_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -41,13 +40,8 @@ def set_train(ws: Path, **train: object) -> None:
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def client(ws: Path) -> MlflowClient:
-    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
-    return MlflowClient(uri, uri)
-
-
 def aliases(ws: Path) -> dict[str, str]:
-    return {alias: str(version) for alias, version in client(ws).get_registered_model(MODEL).aliases.items()}
+    return {alias: str(version) for alias, version in registry_client(ws).get_registered_model(MODEL).aliases.items()}
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +114,11 @@ def test_better_challenger_is_promoted_and_old_champion_becomes_previous(story: 
     better = story["better"]
     assert better["decision"]["action"] == "promote"
     assert better["decision"]["from_version"] == "1" and better["decision"]["to_version"] == "2"
-    version = client(story["ws"]).get_model_version(MODEL, "2")
+    version = registry_client(story["ws"]).get_model_version(MODEL, "2")
     assert version.tags["gate.verdict"] == "promote"
-    run = client(story["ws"]).get_run(version.run_id)
+    run = registry_client(story["ws"]).get_run(version.run_id)
     assert run.data.tags["gate.verdict"] == "promote"
-    artifacts = [a.path for a in client(story["ws"]).list_artifacts(version.run_id, "gate")]
+    artifacts = [a.path for a in registry_client(story["ws"]).list_artifacts(version.run_id, "gate")]
     assert artifacts == ["gate/gate_report.json"]
 
 
@@ -132,7 +126,7 @@ def test_worse_challenger_is_rejected_and_champion_does_not_move(story: dict) ->
     worse = story["worse"]
     assert worse["decision"]["action"] == "reject"
     assert worse["decision"]["from_version"] == worse["decision"]["to_version"] == "2"
-    version = client(story["ws"]).get_model_version(MODEL, "3")
+    version = registry_client(story["ws"]).get_model_version(MODEL, "3")
     assert version.tags["gate.verdict"] == "reject"
     assert "max_accuracy_drop" in version.tags["rejected_reason"]
     gate = json.loads((story["ws"] / "reports" / "gate.json").read_text())

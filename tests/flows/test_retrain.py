@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from mlflow import MlflowClient
 
-from tests.helpers import dvc, make_workspace, tiny_params, write_batch
+from tests.helpers import dvc, make_workspace, registry_client, store_uri, tiny_params, write_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -26,14 +25,6 @@ def tree_digest(root: Path) -> str:
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-def store_uri(ws: Path) -> str:
-    return f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
-
-
-def registry(ws: Path) -> MlflowClient:
-    return MlflowClient(store_uri(ws), store_uri(ws))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +46,7 @@ def test_flow_registers_first_champion_with_lineage(trained: dict) -> None:
     assert result["ingest"]["ingested"] == ["batch-001"]
     assert [s["stage"] for s in result["stages"]] == ["validate", "prepare", "train", "evaluate"]
     assert all(s["ran"] for s in result["stages"])
-    client = registry(ws)
+    client = registry_client(ws)
     champion = client.get_model_version_by_alias("tiny-classifier", "champion")
     assert str(champion.version) == result["register"]["version"] == "1"
     assert set(result["register"]["aliases"]) == {"challenger", "champion"}
@@ -133,7 +124,7 @@ def test_rerun_with_nothing_new_registers_nothing(trained: dict) -> None:
     assert result["register"]["created"] is False
     assert result["register"]["judged"] is True and result["decision"] is None  # judged in the first run
     assert set(result["register"]["aliases"]) == {"challenger", "champion"}
-    assert len(registry(ws).search_model_versions("name='tiny-classifier'")) == 1
+    assert len(registry_client(ws).search_model_versions("name='tiny-classifier'")) == 1
 
 
 # ---------------------------------------------------------------- failures
@@ -141,7 +132,7 @@ def test_rerun_with_nothing_new_registers_nothing(trained: dict) -> None:
 
 def registry_state(ws: Path) -> tuple[list[str], dict[str, str]]:
     """Versions and aliases (search results carry no aliases; the registered model does)."""
-    client = registry(ws)
+    client = registry_client(ws)
     versions = sorted(str(v.version) for v in client.search_model_versions("name='tiny-classifier'"))
     return versions, {a: str(v) for a, v in client.get_registered_model("tiny-classifier").aliases.items()}
 
