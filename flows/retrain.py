@@ -15,7 +15,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.stages import STAGE_TASKS, gate, ingest, promote, register, trained_version
+from flows.stages import (
+    STAGE_TASKS,
+    gate,
+    ingest,
+    ingest_markdown,
+    promote,
+    publish_validation,
+    register,
+    trained_version,
+)
 from flows.watch import PIPELINE_LOCK
 from tasks.common import DVC_STAGES, Workspace, read_json, workspace_lock
 
@@ -91,7 +100,15 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[st
             "decision": None,
             "skipped": f"already trained as version {version}",
         }
-    stages = [STAGE_TASKS[stage](stage, str(ws.root)) for stage in DVC_STAGES]
+    if problems := ingest_markdown(ingested):
+        create_markdown_artifact(problems, key="ingest-problems", description="Rejected and quarantined data")
+    stages = []
+    for stage in DVC_STAGES:
+        try:
+            stages.append(STAGE_TASKS[stage](stage, str(ws.root)))
+        finally:
+            if stage == "validate":
+                publish_validation(ws)
     reg = register(str(ws.root))
     decision = None
     if not reg["judged"]:  # a version registered earlier for this pipeline state was judged then

@@ -40,7 +40,42 @@ def ingest(workspace: str) -> dict[str, Any]:
     result = run_ingest(load_params(ws.params), ws)
     logger = get_run_logger()
     logger.info("ingested %s; already present: %s", result.ingested or "nothing new", result.skipped or "none")
-    return {"ingested": result.ingested, "skipped": result.skipped, "data_hash": result.data_hash}
+    for name, counts in result.quarantined.items():
+        logger.warning("batch %s: quarantined %s (data/quarantine/%s/)", name, counts, name)
+    for name, why in result.rejected.items():
+        logger.error("batch %s rejected: %s (data/quarantine/%s/)", name, why, name)
+    return {
+        "ingested": result.ingested,
+        "skipped": result.skipped,
+        "rejected": result.rejected,
+        "quarantined": result.quarantined,
+        "notes": result.notes,
+        "data_hash": result.data_hash,
+    }
+
+
+def ingest_markdown(result: dict[str, Any]) -> str | None:
+    """What ops must look at after an ingest: rejected batches and quarantined rows."""
+    if not result.get("rejected") and not result.get("quarantined"):
+        return None
+    lines = ["# Ingest problems", "", "| batch | outcome | details |", "|---|---|---|"]
+    for name, why in result.get("rejected", {}).items():
+        lines.append(f"| {name} | **rejected**, nothing ingested | {why} |")
+    for name, counts in result.get("quarantined", {}).items():
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in counts.items())
+        lines.append(f"| {name} | ingested without its bad rows | {reasons} |")
+    lines += ["", "Details per row: `data/quarantine/<batch>/quarantine.csv`. The landing zone is untouched: "
+              "deliver a fixed batch under a new name."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def publish_validation(ws: Workspace) -> None:
+    """The validate stage's one-screen summary as a Prefect artifact (pass or fail)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    summary = ws.reports / "validate.md"
+    if summary.is_file():
+        create_markdown_artifact(summary.read_text(encoding="utf-8"), key="data-validation", description="validate")
 
 
 def stage_failure_message(stage: str, output: list[str], returncode: int) -> str:

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from flows.stages import ingest
-from tasks.common import Workspace, WorkspaceBusy, read_json, workspace_lock, write_json
+from flows.stages import ingest, ingest_markdown
+from tasks.common import PipelineError, Workspace, WorkspaceBusy, read_json, workspace_lock, write_json
 
 DATASET_EVENT = "dataset.updated"
 PIPELINE_LOCK = "pipeline"
@@ -65,6 +66,12 @@ def watch_landing(workspace: str = ".") -> dict[str, Any]:
         logger.info("new data %s (batches %s): emitted %s", result["data_hash"], result["ingested"], DATASET_EVENT)
     else:
         logger.info("nothing new in the landing zone")
+    if problems := ingest_markdown(result):
+        create_markdown_artifact(problems, key="ingest-problems", description="Rejected and quarantined data")
+    if result["rejected"]:
+        # Fail the tick (after announcing the good batches) so ops see it in the UI. A rejected
+        # batch is recorded in data/quarantine, so later ticks do not fail on it again.
+        raise PipelineError(f"batch(es) rejected: {result['rejected']}; see data/quarantine/")
     return {"busy": False, "ingested": result["ingested"], "announced": announced, "data_hash": result["data_hash"]}
 
 

@@ -49,6 +49,10 @@ class Workspace:
         return self.root / "data" / "raw"
 
     @property
+    def quarantine(self) -> Path:
+        return self.root / "data" / "quarantine"
+
+    @property
     def benchmark(self) -> Path:
         return self.root / "data" / "benchmark"
 

@@ -19,6 +19,9 @@ class IngestConfig(_Strict):
     landing_dir: str = "landing"
     #: Matched case-insensitively: stored lower-case.
     image_extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+    #: Bad rows are quarantined and the rest of the batch is ingested, unless more than this
+    #: fraction of the batch is bad: then the whole batch is rejected (a sign of a broken export).
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.2
 
     @field_validator("image_extensions")
     @classmethod
@@ -26,9 +29,47 @@ class IngestConfig(_Strict):
         return tuple(e.lower() for e in value)
 
 
+class Thresholds(_Strict):
+    """A warning level (reported, does not block) and a blocking level; null turns one off."""
+
+    warn: Annotated[float, Field(ge=0)] | None = None
+    block: Annotated[float, Field(ge=0)] | None = None
+
+
 class ValidateConfig(_Strict):
+    #: PIL format names; only these decoders are ever run on landed files.
+    formats: tuple[str, ...] = ("PNG", "JPEG")
+    #: PIL image modes accepted (CMYK, 16-bit "I;16", float "F" are not).
+    modes: tuple[str, ...] = ("L", "LA", "P", "RGB", "RGBA")
+    min_image_side: Annotated[int, Field(gt=0)] = 8
     max_image_side: Annotated[int, Field(gt=0)] = 4096
+    #: Checked from the header before decoding: anything larger is treated as a decompression bomb.
+    max_pixels: Annotated[int, Field(gt=0)] = 4096 * 4096
     min_images_per_class: Annotated[int, Field(ge=0)] = 1
+    #: Largest class count / smallest class count over the whole dataset.
+    class_imbalance: Thresholds = Thresholds(warn=3.0)
+    #: Jensen-Shannon distance (base 2, 0 = same, 1 = disjoint) between a batch's label
+    #: distribution and that of every batch ingested before it.
+    label_drift: Thresholds = Thresholds(warn=0.15)
+
+    @field_validator("formats", "modes")
+    @classmethod
+    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must list at least one entry")
+        return value
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from PIL import Image
+
+        Image.init()
+        value = tuple(f.upper() for f in value)
+        unknown = [f for f in value if f not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"unknown image format(s) {unknown}; supported: {', '.join(sorted(Image.OPEN))}")
+        return value
 
 
 class PrepareConfig(_Strict):

@@ -21,7 +21,7 @@ from PIL import Image
 from tasks.common import PipelineError, Workspace, run_cli, write_json
 from tasks.config import PipelineConfig, PrepareConfig, load_params
 from tasks.ingest import read_batch, resolve_inside
-from tasks.validate import read_all_manifests
+from tasks.validate import RowProblem, read_all_manifests
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,12 @@ def benchmark_rows(benchmark_dir: Path, cfg: PipelineConfig) -> list[tuple[Path,
     """The fixed benchmark set (same layout as a landing batch), or nothing when absent."""
     if not benchmark_dir.is_dir() or not any(benchmark_dir.iterdir()):
         return []
-    extensions = cfg.ingest.image_extensions
     classes = cfg.classes
-    rows = [(resolve_inside(benchmark_dir, r.path), r.label) for r in read_batch(benchmark_dir, extensions)]
+    try:
+        labelled, _ = read_batch(benchmark_dir, cfg.ingest.image_extensions)
+        rows = [(resolve_inside(benchmark_dir, r.path), r.label) for r in labelled]
+    except RowProblem as exc:  # the benchmark is ours, not a labeler's: any problem is fatal
+        raise PipelineError(f"benchmark set {benchmark_dir}: {exc}") from None
     unknown = sorted({label for _, label in rows} - set(classes))
     if unknown:
         raise PipelineError(f"benchmark set has labels outside 'classes': {unknown}; allowed: {', '.join(classes)}")

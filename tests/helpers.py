@@ -54,6 +54,7 @@ def tiny_params() -> dict:
     params["train"].update(
         epochs=2, batch_size=32, image_size=32, strategy="partial", frozen_stages=2, lr=0.003, num_threads=2
     )
+    params["validate"].update(min_images_per_class=5)
     params["register"].update(model_name="tiny-classifier")
     params["gate"].update(min_accuracy=0.6, min_macro_f1=0.6)
     return params
@@ -71,6 +72,7 @@ def make_workspace(root: Path, params: dict | None = None) -> Path:
     """A fresh git + DVC repository holding this project's code, dvc.yaml and tiny params."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "gx", root / "gx", ignore=shutil.ignore_patterns("uncommitted"))
     shutil.copy(REPO / "dvc.yaml", root)
     shutil.copy(REPO / ".gitignore", root)
     (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))

@@ -155,16 +155,50 @@ def registered(tmp_path: Path, trained: dict) -> Path:
     return ws
 
 
-def test_bad_batch_fails_flow_and_leaves_registry_and_landing(registered: Path) -> None:
+def latest_artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert artifacts, f"no {key} artifact"
+    return max(artifacts, key=lambda a: a.created).data
+
+
+def test_a_blocking_expectation_fails_the_flow_before_training(registered: Path) -> None:
     ws = registered
-    write_batch(ws / "landing" / "batch-002", 30, seed=2, labels_override={3: "purple"})
+    params = tiny_params()
+    params["validate"]["label_drift"] = {"warn": 0.15, "block": 0.3}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_batch(ws / "landing" / "batch-002", 30, seed=2, labels_override={i: "red" for i in range(30)})
     landing, before = tree_digest(ws / "landing"), registry_state(ws)
     assert before == (["1"], {"champion": "1", "challenger": "1"})
+
     message = failed_flow_message(ws)
-    assert "unknown label 'purple'" in message and "allowed: red, green, blue" in message
+
+    assert "data validation failed: label_drift:critical (observed 0." in message
+    assert "batch batch-002" in message
     assert tree_digest(ws / "landing") == landing
     assert registry_state(ws) == before
+    summary = latest_artifact("data-validation")
+    assert "Data validation FAILED" in summary and "| critical | label_drift:critical |" in summary
+    assert "Data Docs: file://" in summary
+
+
+def test_a_rejected_batch_is_reported_and_trains_nothing(registered: Path) -> None:
+    from flows.retrain import retrain
+
+    ws = registered
+    write_batch(ws / "landing" / "batch-002", 10, seed=2, labels_override={1: "purple", 2: "purple", 3: "cat"})
+    before = registry_state(ws)
+
+    result = retrain(workspace=str(ws))
+
+    assert result["ingest"]["rejected"]["batch-002"].startswith("too_many_bad_rows: 3 of 10 rows are bad")
+    assert not any(s["ran"] for s in result["stages"]) and result["register"]["created"] is False
+    assert registry_state(ws) == before
     assert not (ws / "data" / "raw" / "batch-002").exists()
+    assert "| batch-002 | **rejected**, nothing ingested |" in latest_artifact("ingest-problems")
 
 
 @pytest.mark.parametrize(

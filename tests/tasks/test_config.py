@@ -84,7 +84,10 @@ def test_unknown_key_two_levels_deep_lists_that_levels_keys() -> None:
 def test_unknown_key_under_an_aliased_section_lists_its_keys() -> None:
     message = parse_error({"classes": ["a", "b"], "validate": {"max_side": 10}})
 
-    assert "unknown key 'validate.max_side'; allowed: max_image_side, min_images_per_class" in message
+    assert (
+        "unknown key 'validate.max_side'; allowed: class_imbalance, formats, label_drift, max_image_side, max_pixels, "
+        "min_image_side, min_images_per_class, modes" in message
+    )
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -223,3 +226,15 @@ def test_repository_params_yaml_has_a_section_per_dvc_stage() -> None:
 
     for stage in DVC_STAGES:
         assert isinstance(raw.get(stage), dict), f"params.yaml lacks a {stage!r} section"
+
+
+def test_validate_formats_must_be_known_to_pil() -> None:
+    message = parse_error({"classes": ["a", "b"], "validate": {"formats": ["png", "HEIC9"]}})
+
+    assert "unknown image format(s) ['HEIC9']; supported: " in message and "PNG" in message
+
+
+def test_validate_thresholds_reject_unknown_levels() -> None:
+    message = parse_error({"classes": ["a", "b"], "validate": {"label_drift": {"warn": 0.1, "stop": 0.5}}})
+
+    assert "unknown key 'validate.label_drift.stop'" in message

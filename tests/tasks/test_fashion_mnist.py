@@ -111,7 +111,7 @@ def test_write_labeled_dir_writes_a_batch_ingest_can_read(tmp_path: Path) -> Non
 
     write_labeled_dir(target, images, np.array([0, 9, 3]), "train00000")
 
-    rows = read_batch(target, (".png",))
+    rows, _ = read_batch(target, (".png",))
     assert rows == [
         LabeledFile("images/train00000-00000.png", "tshirt_top"),
         LabeledFile("images/train00000-00001.png", "ankle_boot"),
@@ -150,7 +150,7 @@ def test_deliver_batch_writes_the_numbered_slice(tmp_path: Path) -> None:
     target = deliver_batch(landing, source, number=2, first=4, size=3)
 
     assert target == landing / "fmnist-002"
-    rows = read_batch(target, (".png",))
+    rows, _ = read_batch(target, (".png",))
     assert [r.path for r in rows] == [f"images/train00004-{i:05d}.png" for i in range(3)]
     assert [r.label for r in rows] == [CLASSES[i] for i in (4, 5, 6)]
 

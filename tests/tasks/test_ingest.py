@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shutil
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from tasks.common import PipelineError, Workspace, read_json, sha256_file
 from tasks.config import PipelineConfig
 from tasks.ingest import (
     BATCH_INFO,
+    BatchRejected,
+    KnownImage,
     LabeledFile,
     check_batch,
     content_hash,
@@ -28,7 +31,7 @@ from tasks.ingest import (
     resolve_inside,
     run_ingest,
 )
-from tasks.validate import MANIFEST_NAME
+from tasks.validate import MANIFEST_NAME, RowProblem
 
 EXTS = (".png", ".jpg", ".jpeg")
 
@@ -108,19 +111,28 @@ def test_resolve_inside_rejects_parent_escapes(tmp_path: Path, rel: str) -> None
     batch = tmp_path / "b1"
     batch.mkdir()
 
-    with pytest.raises(PipelineError, match="points outside the batch"):
+    with pytest.raises(RowProblem, match="points outside the batch") as info:
         resolve_inside(batch, rel)
 
+    assert info.value.reason == "path_outside_batch"
 
-@pytest.mark.parametrize("rel", ["/etc/passwd", "", "images\\x.png"])
-def test_resolve_inside_rejects_absolute_empty_and_backslash_paths(tmp_path: Path, rel: str) -> None:
+
+@pytest.mark.parametrize("rel", ["/etc/passwd", "images\\x.png"])
+def test_resolve_inside_rejects_absolute_and_backslash_paths(tmp_path: Path, rel: str) -> None:
     batch = tmp_path / "b1"
     batch.mkdir()
 
-    with pytest.raises(PipelineError, match="must be relative to the batch") as info:
+    with pytest.raises(RowProblem, match="must be relative to the batch") as info:
         resolve_inside(batch, rel)
 
-    assert repr(rel) in str(info.value)
+    assert repr(rel) in str(info.value) and info.value.reason == "path_outside_batch"
+
+
+def test_resolve_inside_needs_a_path(tmp_path: Path) -> None:
+    with pytest.raises(RowProblem) as info:
+        resolve_inside(tmp_path, "")
+
+    assert info.value.reason == "missing_file"
 
 
 def test_resolve_inside_rejects_a_symlink_leaving_the_batch(tmp_path: Path) -> None:
@@ -131,9 +143,9 @@ def test_resolve_inside_rejects_a_symlink_leaving_the_batch(tmp_path: Path) -> N
     (batch / "link.png").symlink_to(secret)
     (batch / "dir").symlink_to(tmp_path)
 
-    with pytest.raises(PipelineError, match="points outside the batch"):
+    with pytest.raises(RowProblem, match="points outside the batch"):
         resolve_inside(batch, "link.png")
-    with pytest.raises(PipelineError, match="points outside the batch"):
+    with pytest.raises(RowProblem, match="points outside the batch"):
         resolve_inside(batch, "dir/secret.png")
 
 
@@ -144,7 +156,7 @@ def test_read_batch_from_labels_csv(tmp_path: Path) -> None:
     batch = tmp_path / "b1"
     write_labels(batch, [("images/1.png", "a"), ("2.png", "b")])
 
-    assert read_batch(batch, EXTS) == [LabeledFile("images/1.png", "a"), LabeledFile("2.png", "b")]
+    assert read_batch(batch, EXTS) == ([LabeledFile("images/1.png", "a"), LabeledFile("2.png", "b")], [])
 
 
 def test_read_batch_accepts_a_byte_order_mark(tmp_path: Path) -> None:
@@ -152,14 +164,14 @@ def test_read_batch_accepts_a_byte_order_mark(tmp_path: Path) -> None:
     write_labels(batch, [("1.png", "a")], encoding="utf-8-sig")
     assert (batch / "labels.csv").read_bytes().startswith(b"\xef\xbb\xbf")
 
-    assert read_batch(batch, EXTS) == [LabeledFile("1.png", "a")]
+    assert read_batch(batch, EXTS) == ([LabeledFile("1.png", "a")], [])
 
 
 def test_read_batch_accepts_extra_columns_in_any_order(tmp_path: Path) -> None:
     batch = tmp_path / "b1"
     write_labels(batch, [("a", "x", "1.png")], header=("label", "note", "path"))
 
-    assert read_batch(batch, EXTS) == [LabeledFile("1.png", "a")]
+    assert read_batch(batch, EXTS) == ([LabeledFile("1.png", "a")], ["ignored extra column(s) in labels.csv: ['note']"])
 
 
 def test_read_batch_from_image_folder_layout(tmp_path: Path, write_png: Callable[..., Path]) -> None:
@@ -170,7 +182,7 @@ def test_read_batch_from_image_folder_layout(tmp_path: Path, write_png: Callable
     (batch / "a" / "notes.txt").write_text("not an image")
     (batch / "README").write_text("top-level files are ignored in this layout")
 
-    rows = read_batch(batch, EXTS)
+    rows, _ = read_batch(batch, EXTS)
 
     assert rows == [
         LabeledFile("a/1.PNG", "a"),
@@ -184,17 +196,17 @@ def test_labels_csv_takes_precedence_over_sub_folders(tmp_path: Path, write_png:
     write_png(batch / "a" / "1.png")
     write_labels(batch, [("a/1.png", "b")])
 
-    assert read_batch(batch, EXTS) == [LabeledFile("a/1.png", "b")]
+    assert read_batch(batch, EXTS) == ([LabeledFile("a/1.png", "b")], [])
 
 
 def test_read_batch_names_a_missing_column(tmp_path: Path) -> None:
     batch = tmp_path / "b1"
     write_labels(batch, [("1.png", "a")], header=("file", "label"))
 
-    with pytest.raises(PipelineError, match=r"lacks column\(s\) \['path'\]") as info:
+    with pytest.raises(BatchRejected, match=r"lacks column\(s\) \['path'\]") as info:
         read_batch(batch, EXTS)
 
-    assert "required columns: path,label" in str(info.value)
+    assert "required: path,label" in str(info.value) and info.value.reason == "missing_columns"
     assert "'b1'" in str(info.value)
 
 
@@ -203,7 +215,7 @@ def test_read_batch_rejects_a_non_utf8_labels_file(tmp_path: Path) -> None:
     batch.mkdir()
     (batch / "labels.csv").write_bytes("path,label\n1.png,caf\xe9\n".encode("latin-1"))
 
-    with pytest.raises(PipelineError, match="not a readable UTF-8 CSV"):
+    with pytest.raises(BatchRejected, match="not a UTF-8 CSV"):
         read_batch(batch, EXTS)
 
 
@@ -211,7 +223,7 @@ def test_read_batch_without_labels_says_how_to_label(tmp_path: Path, write_png: 
     batch = tmp_path / "b1"
     write_png(batch / "1.png")
 
-    with pytest.raises(PipelineError, match="has no labels") as info:
+    with pytest.raises(BatchRejected, match="no_labels") as info:
         read_batch(batch, EXTS)
 
     assert "labels.csv" in str(info.value)
@@ -221,7 +233,7 @@ def test_read_batch_of_an_empty_directory(tmp_path: Path) -> None:
     batch = tmp_path / "b1"
     batch.mkdir()
 
-    with pytest.raises(PipelineError, match="'b1' is empty"):
+    with pytest.raises(BatchRejected, match="'b1' rejected \\(empty_batch\\)"):
         read_batch(batch, EXTS)
 
 
@@ -229,7 +241,7 @@ def test_read_batch_with_a_header_only_labels_csv_is_empty(tmp_path: Path) -> No
     batch = tmp_path / "b1"
     write_labels(batch, [])
 
-    with pytest.raises(PipelineError, match="is empty"):
+    with pytest.raises(BatchRejected, match="empty_batch"):
         read_batch(batch, EXTS)
 
 
@@ -253,44 +265,47 @@ def test_landing_batches_needs_the_landing_zone(tmp_path: Path) -> None:
         landing_batches(tmp_path / "landing")
 
 
-def test_check_batch_lists_every_problem(
+def test_check_batch_quarantines_each_bad_row_with_its_reason(
     tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
     cfg = make_cfg(validate={"max_image_side": 16})
     batch = tmp_path / "b1"
     write_png(batch / "ok.png")
-    write_png(batch / "big.png", size=(17, 4))
+    write_png(batch / "big.png", size=(17, 8))
     write_png(batch / "pic.gif")
     (batch / "broken.png").write_text("not a png")
     write_labels(
         batch,
         [("ok.png", "a"), ("big.png", "a"), ("pic.gif", "b"), ("broken.png", "b"), ("gone.png", "a"), ("ok.png", "z")],
     )
-    rows, _ = hash_batch(batch, cfg)
+    rows, _, _ = hash_batch(batch, cfg)
 
-    with pytest.raises(PipelineError) as info:
-        check_batch("b1", rows, cfg)
+    check = check_batch("b1", rows, cfg, {})
 
-    message = str(info.value)
-    assert message.startswith("5 problem(s) in batch 'b1'")
-    assert "big.png: 17x4 exceeds max_image_side 16" in message
-    assert "pic.gif: extension not allowed" in message
-    assert "broken.png: unreadable image" in message
-    assert "gone.png: missing file" in message
-    assert "ok.png: unknown label 'z'" in message
+    assert [a.item.row.path for a in check.accepted] == ["ok.png"]
+    assert {(q.item.row.path, q.reason) for q in check.quarantined} == {
+        ("big.png", "too_large"),
+        ("pic.gif", "extension_not_allowed"),
+        ("broken.png", "unreadable"),
+        ("gone.png", "missing_file"),
+        ("ok.png", "unknown_label"),
+    }
+    assert check.bad_fraction == pytest.approx(5 / 6)
 
 
-def test_check_batch_returns_sizes_of_good_images(
+def test_check_batch_returns_properties_of_good_images(
     tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
     batch = tmp_path / "b1"
-    write_png(batch / "X.PNG", size=(5, 7))  # extensions match case-insensitively
+    write_png(batch / "X.PNG", size=(9, 11))  # extensions match case-insensitively
     write_labels(batch, [("X.PNG", "b")])
-    rows, digest = hash_batch(batch, make_cfg())
+    rows, digest, _ = hash_batch(batch, make_cfg())
 
-    checked = check_batch("b1", rows, make_cfg())
+    check = check_batch("b1", rows, make_cfg(), {})
 
-    assert [(c.width, c.height) for c in checked] == [(5, 7)]
+    assert [(a.info.width, a.info.height, a.info.format, a.info.mode) for a in check.accepted] == [
+        (9, 11, "PNG", "RGB")
+    ]
     assert rows[0].sha256 == sha256_file(batch / "X.PNG")
     assert digest == content_hash([("X.PNG", "b", rows[0].sha256)])
 
@@ -298,15 +313,18 @@ def test_check_batch_returns_sizes_of_good_images(
 # ---------------------------------------------------------------- run_ingest in a git + DVC workspace
 
 
-def landed_batch(ws: Workspace, name: str, write_png: Callable[..., Path], n: int = 10, labels=("a", "b")) -> Path:
-    """A labels.csv batch of ``n`` distinct PNGs plus one duplicate of the first image."""
+def landed_batch(
+    ws: Workspace, name: str, write_png: Callable[..., Path], n: int = 10, labels=("a", "b"), dup: bool = False
+) -> Path:
+    """A labels.csv batch of ``n`` PNGs distinct across batches; ``dup`` adds a copy of the first image."""
     batch = ws.landing / name
     rows = []
     for i in range(n):
-        write_png(batch / "images" / f"img{i:02d}.png", size=(6 + i % 3, 5), seed=i)
+        write_png(batch / "images" / f"img{i:02d}.png", size=(8 + i % 3, 9), seed=zlib.crc32(name.encode()) + i)
         rows.append((f"images/img{i:02d}.png", labels[i % len(labels)]))
-    shutil.copyfile(batch / "images" / "img00.png", batch / "dup.png")
-    rows.append(("dup.png", labels[0]))
+    if dup:
+        shutil.copyfile(batch / "images" / "img00.png", batch / "dup.png")
+        rows.append(("dup.png", labels[0]))
     write_labels(batch, rows)
     return batch
 
@@ -316,7 +334,7 @@ def test_run_ingest_copies_a_batch_tracks_it_and_is_idempotent(
     dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
     ws, cfg = dvc_workspace, make_cfg()
-    batch = landed_batch(ws, "batch-001", write_png)
+    batch = landed_batch(ws, "batch-001", write_png, dup=True)
     landing_before = snapshot(ws.landing)
 
     result = run_ingest(cfg, ws)
@@ -326,34 +344,33 @@ def test_run_ingest_copies_a_batch_tracks_it_and_is_idempotent(
     with (target / MANIFEST_NAME).open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames or ()) == (
-            "path",
-            "source_path",
-            "label",
-            "sha256",
-            "width",
-            "height",
-            "batch_id",
-        )
+            "path", "source_path", "label", "sha256", "pixel_sha256", "width", "height",
+            "mode", "channels", "bytes", "format", "batch_id",
+        )  # fmt: skip
         manifest = list(reader)
     with (batch / "labels.csv").open(newline="", encoding="utf-8") as fh:
         landed = {row["path"]: row["label"] for row in csv.DictReader(fh)}
-    assert {row["source_path"]: row["label"] for row in manifest} == landed
-    assert len(manifest) == 11
+    # The duplicate of img00 is quarantined, every other row is ingested.
+    assert {row["source_path"]: row["label"] for row in manifest} == {k: v for k, v in landed.items() if k != "dup.png"}
+    assert len(manifest) == 10
     for row in manifest:
         source = batch / row["source_path"]
         stored = target / row["path"]
         assert row["sha256"] == sha256_file(source) == sha256_file(stored)
         assert row["path"] == f"images/{row['sha256']}.png"
         with Image.open(source) as img:
-            assert (int(row["width"]), int(row["height"])) == img.size
+            assert (int(row["width"]), int(row["height"]), row["mode"], row["format"]) == (*img.size, img.mode, "PNG")
+        assert (row["channels"], row["bytes"]) == ("3", str(source.stat().st_size))
         assert row["batch_id"] == "batch-001"
-    # The duplicate shares one stored file.
     assert len(list((target / "images").iterdir())) == 10
     assert read_json(target / BATCH_INFO) == {
         "batch_id": "batch-001",
         "content_hash": hash_batch(batch, cfg)[1],
-        "n_images": 11,
+        "n_images": 10,
+        "n_quarantined": 1,
+        "notes": [],
     }
+    assert result.quarantined == {"batch-001": {"duplicate": 1}}
     assert ingested_batches(ws.raw) == {"batch-001": hash_batch(batch, cfg)[1]}
     assert not any(p.name.endswith(".partial") for p in ws.raw.iterdir())
 
@@ -384,24 +401,28 @@ def test_run_ingest_copies_a_batch_tracks_it_and_is_idempotent(
 
 
 @pytest.mark.integration
-def test_run_ingest_with_an_unknown_label_copies_nothing(
+def test_run_ingest_rejects_a_batch_with_too_many_bad_rows_and_ingests_the_others(
     dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
     ws, cfg = dvc_workspace, make_cfg()
     landed_batch(ws, "b1-good", write_png, n=4)
-    landed_batch(ws, "b2-bad", write_png, n=4, labels=("a", "cat"))
+    landed_batch(ws, "b2-bad", write_png, n=4, labels=("a", "cat"))  # 2 of 4 rows unknown: 50% > 20%
     landing_before = snapshot(ws.landing)
 
-    with pytest.raises(PipelineError) as info:
-        run_ingest(cfg, ws)
+    result = run_ingest(cfg, ws)
 
-    message = str(info.value)
-    assert "batch 'b2-bad'" in message
-    assert "unknown label 'cat'" in message
-    assert "allowed: a, b" in message
-    assert not ws.raw.exists() or not any(ws.raw.iterdir())
-    assert not (ws.root / "data" / "raw.dvc").exists()
+    assert result.ingested == ["b1-good"]
+    assert result.rejected["b2-bad"].startswith("too_many_bad_rows: 2 of 4 rows are bad (50% > max_bad_fraction 20%)")
+    assert not (ws.raw / "b2-bad").exists()
+    assert read_json(ws.quarantine / "b2-bad" / "rejected.json")["reason"] == "too_many_bad_rows"
+    with (ws.quarantine / "b2-bad" / "quarantine.csv").open(newline="") as fh:
+        assert [(r["source_path"], r["reason"]) for r in csv.DictReader(fh)] == [
+            ("images/img01.png", "unknown_label"),
+            ("images/img03.png", "unknown_label"),
+        ]
     assert snapshot(ws.landing) == landing_before
+    # A rejected batch is not retried on every run: it stays rejected until re-delivered under a new name.
+    assert run_ingest(cfg, ws).rejected == {}
 
 
 @pytest.mark.integration
@@ -413,7 +434,7 @@ def test_run_ingest_refuses_a_changed_batch_under_the_same_name(
     run_ingest(cfg, ws)
     raw_before = snapshot(ws.raw)
 
-    write_png(batch / "images" / "img01.png", size=(6, 5), seed=999)
+    write_png(batch / "images" / "img01.png", size=(8, 9), seed=999)
     with pytest.raises(PipelineError, match="'b1' was already ingested with different content"):
         run_ingest(cfg, ws)
 
@@ -448,7 +469,7 @@ def test_a_crashed_copy_does_not_count_as_ingested(
     cfg = make_cfg()
     ws = Workspace(tmp_path)
     batch = landed_batch(ws, "b1", write_png, n=2)
-    _, digest = hash_batch(batch, cfg)
+    _, digest, _ = hash_batch(batch, cfg)
     # What _copy_batch leaves behind when it dies between writing batch.json and os.replace.
     staging = ws.raw / ".b1.partial"
     (staging / "images").mkdir(parents=True)
@@ -483,30 +504,44 @@ def test_a_failed_dvc_add_is_retried_on_the_next_run(
     assert retried.data_hash != first.data_hash
 
 
-def test_check_batch_rejects_the_same_image_under_two_labels(
+def test_check_batch_quarantines_both_rows_of_a_conflict_within_the_batch(
     tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
     batch = tmp_path / "b1"
     write_png(batch / "x.png", seed=3)
+    write_png(batch / "ok.png", seed=4)
     shutil.copyfile(batch / "x.png", batch / "y.png")
-    write_labels(batch, [("x.png", "a"), ("y.png", "b")])
-    rows, _ = hash_batch(batch, make_cfg())
+    write_labels(batch, [("x.png", "a"), ("y.png", "b"), ("ok.png", "a")])
+    rows, _, _ = hash_batch(batch, make_cfg())
 
-    with pytest.raises(PipelineError, match=r"y\.png: labelled 'b' but the same image is already labelled 'a'"):
-        check_batch("b1", rows, make_cfg())
+    check = check_batch("b1", rows, make_cfg(), {})
+
+    assert [a.item.row.path for a in check.accepted] == ["ok.png"]
+    assert [(q.item.row.path, q.reason) for q in check.quarantined] == [
+        ("x.png", "label_conflict"),
+        ("y.png", "label_conflict"),
+    ]
 
 
-def test_check_batch_rejects_a_label_that_conflicts_with_ingested_data(
+def test_check_batch_compares_with_ingested_images_by_pixels(
     tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
     batch = tmp_path / "b2"
     write_png(batch / "x.png", seed=3)
     write_labels(batch, [("x.png", "b")])
-    rows, _ = hash_batch(batch, make_cfg())
+    rows, _, _ = hash_batch(batch, make_cfg())
+    pixels = check_batch("b2", rows, make_cfg(), {}).accepted[0].info.pixel_sha256
 
-    with pytest.raises(PipelineError, match="already labelled 'a'"):
-        check_batch("b2", rows, make_cfg(), known_labels={rows[0].sha256: "a"})
-    assert len(check_batch("b2", rows, make_cfg(), known_labels={rows[0].sha256: "b"})) == 1
+    def reason(known: KnownImage) -> tuple[str, str]:
+        q = check_batch("b2", rows, make_cfg(), {pixels: known}).quarantined[0]
+        return q.reason, q.detail
+
+    assert reason(KnownImage("a", "b1/x.png")) == (
+        "label_conflict",
+        "labelled 'b' but the same image is 'a' in b1/x.png",
+    )
+    assert reason(KnownImage("b", "b1/x.png")) == ("duplicate", "same image already ingested as b1/x.png")
+    assert reason(KnownImage("b", "benchmark/x.png", benchmark=True))[0] == "split_leak"
 
 
 def test_plan_batches_ingests_one_of_two_identical_new_batches() -> None:
@@ -515,20 +550,24 @@ def test_plan_batches_ingests_one_of_two_identical_new_batches() -> None:
 
 
 @pytest.mark.integration
-def test_run_ingest_refuses_a_batch_relabelling_ingested_images(
+def test_run_ingest_quarantines_rows_relabelling_ingested_images(
     dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
-    ws, cfg = dvc_workspace, make_cfg()
+    ws, cfg = dvc_workspace, make_cfg(ingest={"max_bad_fraction": 0.5})
     landed_batch(ws, "b1", write_png, n=2)
     run_ingest(cfg, ws)
     relabelled = ws.landing / "b2"
     relabelled.mkdir()
     shutil.copyfile(ws.landing / "b1" / "images" / "img00.png", relabelled / "same.png")
-    write_labels(relabelled, [("same.png", "b")])  # img00 was ingested as "a"
+    write_png(relabelled / "new.png", seed=77)
+    write_labels(relabelled, [("same.png", "b"), ("new.png", "b")])  # img00 was ingested as "a"
 
-    with pytest.raises(PipelineError, match="already labelled 'a'"):
-        run_ingest(cfg, ws)
-    assert not (ws.raw / "b2").exists()
+    result = run_ingest(cfg, ws)
+
+    assert result.ingested == ["b2"] and result.quarantined == {"b2": {"label_conflict": 1}}
+    with (ws.raw / "b2" / MANIFEST_NAME).open(newline="") as fh:
+        assert [r["source_path"] for r in csv.DictReader(fh)] == ["new.png"]
+    assert (ws.quarantine / "b2" / "files" / "same.png").read_bytes() == (relabelled / "same.png").read_bytes()
 
 
 def test_file_hash_cache_rehashes_only_changed_files(tmp_path: Path, write_png: Callable[..., Path]) -> None:

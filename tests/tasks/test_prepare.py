@@ -178,7 +178,8 @@ def test_run_prepare_writes_arrays_an_index_and_a_summary(
     manifest = []
     for i in range(24):
         path = write_png(batch / "images" / f"{i}.png", size=(8, 8), seed=i)
-        manifest.append(["images/" + path.name, f"{i}.png", "ab"[i % 2], sha256_file(path), 8, 8, "b1"])
+        sha = sha256_file(path)
+        manifest.append(["images/" + path.name, f"{i}.png", "ab"[i % 2], sha, sha, 8, 8, "RGB", 3, 1, "PNG", "b1"])
     manifest.append(list(manifest[0]))  # a duplicate row
     with (batch / MANIFEST_NAME).open("w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows([MANIFEST_COLUMNS, *manifest])

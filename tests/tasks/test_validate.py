@@ -1,155 +1,160 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
+import shutil
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tasks.common import PipelineError, Workspace, read_json, sha256_file
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, ValidateConfig
+from tasks.expectations import GX_DIR, SUITE, open_context, suite_expectations
 from tasks.validate import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
-    MAX_LISTED,
-    ImageProblem,
-    check_dataset,
-    find_label_conflicts,
-    inspect_image,
+    RowProblem,
+    batch_drifts,
+    build_table,
+    check_image,
+    label_drift,
+    normalise_label,
     read_all_manifests,
+    render_summary,
     run_validate,
-    summarise_problems,
-    unknown_label_problem,
 )
 
-# ---------------------------------------------------------------- inspect_image
+REPO = Path(__file__).resolve().parents[2]
+CFG = ValidateConfig()
+
+# ---------------------------------------------------------------- check_image
 
 
-def test_inspect_image_reads_a_good_png(tmp_path: Path, write_png: Callable[..., Path]) -> None:
-    info = inspect_image(write_png(tmp_path / "x.png", size=(12, 7)), max_side=64)
+def test_check_image_reads_a_good_png(tmp_path: Path, write_png: Callable[..., Path]) -> None:
+    path = write_png(tmp_path / "x.png", size=(12, 9))
 
-    assert (info.width, info.height, info.format, info.mode) == (12, 7, "PNG", "RGB")
+    info = check_image(path, CFG)
 
-
-def test_inspect_image_reports_greyscale_mode(tmp_path: Path, write_png: Callable[..., Path]) -> None:
-    info = inspect_image(write_png(tmp_path / "g.png", mode="L"), max_side=64)
-
-    assert info.mode == "L"
+    assert (info.width, info.height, info.format, info.mode, info.channels) == (12, 9, "PNG", "RGB", 3)
+    assert info.bytes == path.stat().st_size
 
 
-def test_inspect_image_catches_a_truncated_png(tmp_path: Path, write_png: Callable[..., Path]) -> None:
-    path = write_png(tmp_path / "t.png", size=(64, 64))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+def test_check_image_pixel_hash_survives_re_encoding(tmp_path: Path, write_png: Callable[..., Path]) -> None:
+    png = write_png(tmp_path / "x.png", size=(10, 10), mode="L")
+    with Image.open(png) as img:
+        img.save(tmp_path / "y.png", compress_level=0)  # other bytes, same pixels
 
-    with pytest.raises(ImageProblem, match="unreadable image"):
-        inspect_image(path, max_side=128)
-
-
-def test_inspect_image_rejects_a_zero_byte_file(tmp_path: Path) -> None:
-    path = tmp_path / "empty.png"
-    path.write_bytes(b"")
-
-    with pytest.raises(ImageProblem, match="unreadable image"):
-        inspect_image(path, max_side=128)
+    assert sha256_file(png) != sha256_file(tmp_path / "y.png")
+    assert check_image(png, CFG).pixel_sha256 == check_image(tmp_path / "y.png", CFG).pixel_sha256
 
 
-def test_inspect_image_rejects_text_named_png(tmp_path: Path) -> None:
-    path = tmp_path / "notes.png"
-    path.write_text("definitely not pixels\n" * 10)
+@pytest.mark.parametrize(
+    ("size", "reason"),
+    [((7, 20), "too_small"), ((20, 5000), "too_large"), ((4097, 4097), "decompression_bomb")],
+)
+def test_check_image_size_bounds_come_from_the_header(tmp_path: Path, size: tuple[int, int], reason: str) -> None:
+    path = tmp_path / "x.png"
+    Image.new("L", size).save(path)
 
-    with pytest.raises(ImageProblem, match=r"unreadable image \(UnidentifiedImageError"):
-        inspect_image(path, max_side=128)
+    with pytest.raises(RowProblem) as info:
+        check_image(path, CFG)
 
-
-def test_inspect_image_rejects_an_oversize_image(tmp_path: Path, write_png: Callable[..., Path]) -> None:
-    path = write_png(tmp_path / "wide.png", size=(20, 10))
-
-    with pytest.raises(ImageProblem, match="20x10 exceeds max_image_side 19"):
-        inspect_image(path, max_side=19)
-    assert inspect_image(path, max_side=20).width == 20  # the limit itself is allowed
+    assert info.value.reason == reason
 
 
-def test_inspect_image_checks_the_taller_side(tmp_path: Path, write_png: Callable[..., Path]) -> None:
-    with pytest.raises(ImageProblem, match="3x30 exceeds"):
-        inspect_image(write_png(tmp_path / "tall.png", size=(3, 30)), max_side=16)
+def test_check_image_names_a_format_that_is_not_allowed(tmp_path: Path) -> None:
+    Image.new("RGB", (10, 10)).save(tmp_path / "x.png", format="BMP")
+
+    with pytest.raises(RowProblem) as info:
+        check_image(tmp_path / "x.png", CFG)
+
+    assert (info.value.reason, info.value.detail) == ("format_not_allowed", "format BMP; allowed: PNG, JPEG")
 
 
-def test_inspect_image_on_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ImageProblem, match="missing file"):
-        inspect_image(tmp_path / "gone.png", max_side=16)
+def test_check_image_opens_formats_the_params_allow(tmp_path: Path) -> None:
+    Image.new("RGB", (10, 10)).save(tmp_path / "x.bmp")
+
+    assert check_image(tmp_path / "x.bmp", ValidateConfig(formats=("PNG", "BMP"))).format == "BMP"
 
 
-# ---------------------------------------------------------------- pure checks
+def test_check_image_on_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RowProblem) as info:
+        check_image(tmp_path / "gone.png", CFG)
+
+    assert info.value.reason == "missing_file"
 
 
-def test_unknown_label_problem() -> None:
-    assert unknown_label_problem("a", ("a", "b")) is None
-
-    problem = unknown_label_problem("cat", ("a", "b"))
-
-    assert problem is not None
-    assert "unknown label 'cat'" in problem
-    assert "allowed: a, b" in problem
-    assert "params.yaml" in problem
+# ---------------------------------------------------------------- labels and drift
 
 
-def test_unknown_label_problem_is_case_sensitive() -> None:
-    assert unknown_label_problem("A", ("a", "b")) is not None
+@pytest.mark.parametrize(
+    ("label", "expected"), [("coat", "coat"), (" coat ", "coat"), ("Coat", "coat"), ("T-Shirt\t", "t-shirt")]
+)
+def test_normalise_label_fixes_whitespace_and_case(label: str, expected: str) -> None:
+    assert normalise_label(label, ("coat", "t-shirt")) == expected
 
 
-def test_find_label_conflicts_reports_one_line_per_image() -> None:
-    sha_x, sha_y, sha_z = "1" * 64, "2" * 64, "3" * 64
-    rows = [
-        {"sha256": sha_x, "label": "b"},
-        {"sha256": sha_x, "label": "a"},
-        {"sha256": sha_x, "label": "a"},
-        {"sha256": sha_y, "label": "a"},
-        {"sha256": sha_y, "label": "a"},  # a duplicate with the same label is fine
-        {"sha256": sha_z, "label": "c"},
-    ]
+@pytest.mark.parametrize(("label", "reason"), [("", "blank_label"), ("   ", "blank_label"), ("cat", "unknown_label")])
+def test_normalise_label_rejects_blank_and_unknown(label: str, reason: str) -> None:
+    with pytest.raises(RowProblem) as info:
+        normalise_label(label, ("coat", "shirt"))
 
-    assert find_label_conflicts(rows) == [f"image {sha_x[:12]} has conflicting labels ['a', 'b']"]
+    assert info.value.reason == reason
+    if reason == "unknown_label":
+        assert "allowed: coat, shirt" in info.value.detail and "params.yaml" in info.value.detail
 
 
-def test_find_label_conflicts_with_none() -> None:
-    assert find_label_conflicts([{"sha256": "1" * 64, "label": "a"}]) == []
+def test_normalise_label_refuses_a_case_match_that_is_ambiguous() -> None:
+    with pytest.raises(RowProblem, match="unknown label"):
+        normalise_label("COAT", ("coat", "Coat"))
 
 
-def test_summarise_problems_lists_a_few_and_counts_the_rest() -> None:
-    problems = [f"p{i}" for i in range(MAX_LISTED + 3)]
+def test_label_drift_is_the_jensen_shannon_distance() -> None:
+    same = label_drift(Counter(a=5, b=5), Counter(a=50, b=50), ("a", "b"))
+    disjoint = label_drift(Counter(a=5), Counter(b=5), ("a", "b"))
+    # By hand: p=(1,0), q=(.5,.5), m=(.75,.25): JS = .5*log2(1/.75) + .5*(.5*log2(.5/.75) + .5*log2(.5/.25))
+    half = label_drift(Counter(a=4), Counter(a=1, b=1), ("a", "b"))
+    js = 0.5 * math.log2(1 / 0.75) + 0.5 * (0.5 * math.log2(0.5 / 0.75) + 0.5 * math.log2(0.5 / 0.25))
 
-    message = summarise_problems(problems, "batch 'b1'")
-
-    assert message == f"{MAX_LISTED + 3} problem(s) in batch 'b1': p0; p1; p2; p3; p4 (and 3 more)"
-    assert "p5" not in message
-
-
-def test_summarise_problems_without_truncation() -> None:
-    assert summarise_problems(["x", "y"], "data") == "2 problem(s) in data: x; y"
-    assert "more" not in summarise_problems([f"p{i}" for i in range(MAX_LISTED)], "data")
-
-
-# ---------------------------------------------------------------- check_dataset over manifests
+    assert same == pytest.approx(0.0, abs=1e-12)
+    assert disjoint == pytest.approx(1.0)
+    assert half == pytest.approx(math.sqrt(js))
+    assert math.isnan(label_drift(Counter(a=1), Counter(), ("a", "b")))
 
 
-def write_raw_batch(raw: Path, batch: str, items: list[tuple[str, str]], write_png: Callable[..., Path]) -> list[dict]:
-    """A data/raw/<batch> directory as ingest writes it; ``items`` are (name, label)."""
+def test_batch_drifts_compare_each_batch_with_the_ones_before_it() -> None:
+    rows = [{"batch_id": "b1", "label": "a"}, {"batch_id": "b1", "label": "b"}, {"batch_id": "b2", "label": "a"}]
+    rows += [{"batch_id": "b3", "label": "a"}, {"batch_id": "b3", "label": "b"}]
+
+    drifts = batch_drifts(rows, ("a", "b"))
+
+    assert math.isnan(drifts["b1"])
+    assert drifts["b2"] == pytest.approx(label_drift(Counter(a=1), Counter(a=1, b=1), ("a", "b")))
+    assert drifts["b3"] == pytest.approx(label_drift(Counter(a=1, b=1), Counter(a=2, b=1), ("a", "b")))
+
+
+# ---------------------------------------------------------------- the manifest table
+
+
+def write_raw_batch(
+    raw: Path, batch: str, items: list[tuple[str, str]], write_png: Callable[..., Path], size: int = 10
+) -> list[dict]:
+    """A batch as ingest leaves it in data/raw: images plus a manifest with real properties."""
     rows = []
     for name, label in items:
-        path = write_png(raw / batch / "images" / name, seed=zlib.crc32(f"{batch}/{name}".encode()))
-        rows.append(
-            {
-                "path": f"images/{name}",
-                "source_path": name,
-                "label": label,
-                "sha256": sha256_file(path),
-                "width": "8",
-                "height": "8",
-                "batch_id": batch,
-            }
-        )
+        path = write_png(raw / batch / "images" / name, size=(size, size), seed=zlib.crc32(f"{batch}/{name}".encode()))
+        info = check_image(path, CFG)
+        rows.append({
+            "path": f"images/{name}", "source_path": name, "label": label, "sha256": sha256_file(path),
+            "pixel_sha256": info.pixel_sha256, "width": info.width, "height": info.height, "mode": info.mode,
+            "channels": info.channels, "bytes": info.bytes, "format": info.format, "batch_id": batch,
+        })  # fmt: skip
     with (raw / batch / MANIFEST_NAME).open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
@@ -157,88 +162,197 @@ def write_raw_batch(raw: Path, batch: str, items: list[tuple[str, str]], write_p
     return rows
 
 
-def test_check_dataset_passes_clean_data(
+def balanced(n: int, classes: tuple[str, ...] = ("a", "b"), prefix: str = "") -> list[tuple[str, str]]:
+    return [(f"{prefix}{i}.png", classes[i % len(classes)]) for i in range(n)]
+
+
+def test_build_table_adds_split_and_dataset_columns(
     tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
-    write_raw_batch(tmp_path, "b2", [("3.png", "b")], write_png)
-    write_raw_batch(tmp_path, "b1", [("1.png", "a"), ("2.png", "b")], write_png)
-    rows = read_all_manifests(tmp_path)
+    write_raw_batch(tmp_path, "b1", balanced(6), write_png)
+    write_raw_batch(tmp_path, "b2", [("x.png", "a"), ("y.png", "a")], write_png)
 
-    problems, counts = check_dataset(rows, tmp_path, make_cfg())
+    table = build_table(read_all_manifests(tmp_path), tmp_path, [], make_cfg())
 
-    assert [r["batch_id"] for r in rows] == ["b1", "b1", "b2"]
-    assert problems == []
-    assert counts == {"a": 1, "b": 2}
+    assert set(table["split"]) <= {"train", "val", "test"}
+    assert table["class_count"].tolist() == [5, 3, 5, 3, 5, 3, 5, 5]
+    assert table["class_imbalance"].max() == pytest.approx(5 / 3)
+    assert table.loc[table["batch_id"] == "b1", "batch_label_drift"].eq(0.0).all()
+    b2_drift = label_drift(Counter(a=2), Counter(a=3, b=3), ("a", "b"))
+    assert table.loc[table["batch_id"] == "b2", "batch_label_drift"].tolist() == pytest.approx([b2_drift] * 2)
+    assert table["labels_for_image"].eq(1).all() and table["splits_for_image"].eq(1).all()
+    assert table["decodable"].all() and table["content_unchanged"].all()
 
 
-def test_check_dataset_finds_each_kind_of_problem(
+def test_build_table_spots_a_tampered_and_an_unreadable_file(
     tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
-    cfg = make_cfg(classes=("a", "b", "c"))
-    rows = write_raw_batch(tmp_path, "b1", [("1.png", "a"), ("2.png", "a"), ("3.png", "a"), ("4.png", "z")], write_png)
-    write_png(tmp_path / "b1" / "images" / "1.png", seed=777)  # edited after ingest
-    (tmp_path / "b1" / "images" / "2.png").unlink()
-    rows.append({**rows[2], "label": "b", "source_path": "copy-of-3.png"})
+    write_raw_batch(tmp_path, "b1", balanced(4), write_png)
+    write_png(tmp_path / "b1" / "images" / "0.png", size=(10, 10), seed=123)
+    (tmp_path / "b1" / "images" / "1.png").write_bytes(b"")
 
-    problems, counts = check_dataset(rows, tmp_path, cfg)
+    table = build_table(read_all_manifests(tmp_path), tmp_path, [], make_cfg())
 
-    assert problems == [
-        "b1/1.png: content changed since ingest (sha256 mismatch)",
-        "b1/2.png: missing file",
-        f"b1/4.png: {unknown_label_problem('z', cfg.classes)}",
-        f"image {rows[2]['sha256'][:12]} has conflicting labels ['a', 'b']",
-        "class 'c' has 0 image(s), below min_images_per_class 1",
-    ]
-    assert counts["a"] == 3 and counts["z"] == 1
+    assert table["content_unchanged"].tolist() == [False, True, True, True]
+    assert table["decodable"].tolist() == [True, False, True, True]
 
 
-def test_check_dataset_can_skip_hash_verification(
-    tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+def test_render_summary_names_rule_observed_value_and_rows() -> None:
+    report = {
+        "passed": False, "n_images": 10, "n_batches": 1, "data_docs": "file:///docs/index.html",
+        "failures": [{"rule": "class_min", "severity": "critical", "observed": 3, "rows": ["smallest class 'b' (3)"],
+                      "more_rows": 0}],
+        "warnings": [{"rule": "label_drift:warning", "severity": "warning", "observed": 0.4, "rows": ["batch b2"],
+                      "more_rows": 7}],
+    }  # fmt: skip
+
+    text = render_summary(report)
+
+    assert "Data validation FAILED" in text
+    assert "| critical | class_min | 3 | smallest class 'b' (3) |" in text
+    assert "| warning | label_drift:warning | 0.4 | batch b2 (+7 more) |" in text
+    assert text.endswith("Data Docs: file:///docs/index.html")
+    assert len(text.splitlines()) < 25  # one screen
+
+
+# ---------------------------------------------------------------- the GX checkpoint
+
+
+def test_the_committed_suite_is_the_one_the_code_defines() -> None:
+    committed = open_context(REPO).suites.get(SUITE)
+
+    def key(e) -> str:
+        c = e.configuration
+        severity = str(getattr(e.severity, "value", e.severity)).lower()
+        return json.dumps([c.type, c.kwargs, c.meta, severity], sort_keys=True, default=str)
+
+    assert sorted(map(key, committed.expectations)) == sorted(map(key, suite_expectations()))
+
+
+@pytest.fixture
+def gx_workspace(tmp_path: Path) -> Workspace:
+    shutil.copytree(REPO / GX_DIR, tmp_path / GX_DIR, ignore=shutil.ignore_patterns("uncommitted"))
+    return Workspace(tmp_path)
+
+
+def failed_rules(ws: Workspace) -> dict[str, dict]:
+    return {f["rule"]: f for f in read_json(ws.reports / "validate.json")["failures"]}
+
+
+@pytest.mark.integration
+def test_run_validate_passes_clean_data_and_builds_data_docs(
+    gx_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
-    rows = write_raw_batch(tmp_path, "b1", [("1.png", "a"), ("2.png", "b")], write_png)
-    write_png(tmp_path / "b1" / "images" / "1.png", seed=777)
-
-    assert check_dataset(rows, tmp_path, make_cfg(), verify_hashes=False)[0] == []
-    assert len(check_dataset(rows, tmp_path, make_cfg(), verify_hashes=True)[0]) == 1
-
-
-def test_check_dataset_enforces_min_images_per_class(
-    tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
-) -> None:
-    rows = write_raw_batch(tmp_path, "b1", [("1.png", "a"), ("2.png", "a"), ("3.png", "b")], write_png)
-
-    problems, _ = check_dataset(rows, tmp_path, make_cfg(validate={"min_images_per_class": 2}))
-
-    assert problems == ["class 'b' has 1 image(s), below min_images_per_class 2"]
-
-
-def test_run_validate_writes_a_report(
-    tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
-) -> None:
-    ws = Workspace(tmp_path)
-    write_raw_batch(ws.raw, "b1", [("1.png", "a"), ("2.png", "b"), ("3.png", "b")], write_png)
+    ws = gx_workspace
+    write_raw_batch(ws.raw, "b1", balanced(6), write_png)
 
     result = run_validate(make_cfg(), ws)
 
-    assert (result.n_images, result.n_batches, result.class_counts) == (3, 1, {"a": 1, "b": 2})
+    assert (result.n_images, result.n_batches, result.class_counts) == (6, 1, {"a": 3, "b": 3})
     report = read_json(ws.reports / "validate.json")
-    assert report["passed"] is True and report["problems"] == [] and report["batches"] == ["b1"]
+    assert report["passed"] is True and report["failures"] == [] and report["rules_checked"] >= 20
+    docs = Path(result.data_docs.removeprefix("file://"))
+    assert docs.is_file() and docs.is_relative_to(ws.root / GX_DIR / "uncommitted")
+    assert "PASSED" in (ws.reports / "validate.md").read_text()
+    assert len((ws.reports / "manifest.csv").read_text().splitlines()) == 7
 
 
-def test_run_validate_fails_and_still_writes_the_report(
+@pytest.mark.integration
+def test_run_validate_blocks_a_class_below_the_minimum(
+    gx_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws = gx_workspace
+    write_raw_batch(ws.raw, "b1", [*balanced(6), ("x.png", "a"), ("y.png", "a")], write_png)
+
+    with pytest.raises(PipelineError, match="data validation failed: class_min \\(observed 3"):
+        run_validate(make_cfg(validate={"min_images_per_class": 4}), ws)
+
+    failure = failed_rules(ws)["class_min"]
+    assert failure["observed"] == 3 and "smallest class 'b' (3)" in failure["rows"][0]
+    assert "FAILED" in (ws.reports / "validate.md").read_text()
+
+
+@pytest.mark.integration
+def test_run_validate_blocks_a_missing_class_and_a_hand_edited_manifest(
+    gx_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws = gx_workspace
+    write_raw_batch(ws.raw, "b1", balanced(4, ("a",)), write_png)
+    manifest = ws.raw / "b1" / MANIFEST_NAME
+    text = manifest.read_text().splitlines()
+    text[1] = text[1].replace(",a,", ",zebra,", 1)
+    manifest.write_text("\n".join(text) + "\n")
+
+    with pytest.raises(PipelineError):
+        run_validate(make_cfg(), ws)
+
+    failures = failed_rules(ws)
+    assert {"every_class", "label_in_classes"} <= set(failures)
+    assert failures["label_in_classes"]["rows"] == ["b1/0.png"]
+
+
+@pytest.mark.integration
+def test_run_validate_blocks_an_image_in_two_splits_and_two_labels(
+    gx_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws = gx_workspace
+    rows = write_raw_batch(ws.raw, "b1", balanced(6), write_png)
+    # The benchmark holds a copy of b1/0.png, labelled differently: a leak and a conflict.
+    ws.benchmark.mkdir(parents=True)
+    shutil.copyfile(ws.raw / "b1" / rows[0]["path"], ws.benchmark / "copy.png")
+    (ws.benchmark / "labels.csv").write_text("path,label\ncopy.png,b\n")
+
+    with pytest.raises(PipelineError):
+        run_validate(make_cfg(), ws)
+
+    failures = failed_rules(ws)
+    assert {"split_leak", "label_conflict", "sha256_unique"} <= set(failures)
+    assert "b1/0.png" in failures["split_leak"]["rows"] and "benchmark/copy.png" in failures["split_leak"]["rows"]
+
+
+@pytest.mark.integration
+def test_run_validate_warns_on_label_drift_and_blocks_above_the_block_level(
+    gx_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws = gx_workspace
+    write_raw_batch(ws.raw, "b1", balanced(10), write_png)
+    write_raw_batch(ws.raw, "b2", balanced(6, ("a",), prefix="n"), write_png)
+
+    result = run_validate(make_cfg(), ws)  # warn 0.15 by default, no block level
+
+    assert "label_drift:warning" in result.warnings
+    warning = {w["rule"]: w for w in read_json(ws.reports / "validate.json")["warnings"]}["label_drift:warning"]
+    assert warning["observed"] == pytest.approx(label_drift(Counter(a=6), Counter(a=5, b=5), ("a", "b")), abs=1e-4)
+    assert warning["rows"][-1] == "batch b2"
+
+    with pytest.raises(PipelineError, match="label_drift:critical"):
+        run_validate(make_cfg(validate={"label_drift": {"warn": 0.15, "block": 0.3}}), ws)
+
+
+@pytest.mark.integration
+def test_run_validate_blocks_content_changed_since_ingest(
+    gx_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws = gx_workspace
+    write_raw_batch(ws.raw, "b1", balanced(6), write_png)
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(ws.raw / "b1" / "images" / "2.png")
+
+    with pytest.raises(PipelineError, match="content_unchanged"):
+        run_validate(make_cfg(), ws)
+
+    assert failed_rules(ws)["content_unchanged"]["rows"] == ["b1/2.png"]
+
+
+def test_run_validate_without_data(gx_workspace: Workspace, make_cfg: Callable[..., PipelineConfig]) -> None:
+    with pytest.raises(PipelineError, match="no ingested data"):
+        run_validate(make_cfg(), gx_workspace)
+
+
+def test_run_validate_without_a_gx_project(
     tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
     ws = Workspace(tmp_path)
-    write_raw_batch(ws.raw, "b1", [("1.png", "a")], write_png)
+    write_raw_batch(ws.raw, "b1", balanced(4), write_png)
 
-    with pytest.raises(PipelineError, match="1 problem\\(s\\) in the ingested data: class 'b' has 0"):
+    with pytest.raises(PipelineError, match=r"no Great Expectations project .*`python -m tasks.expectations`"):
         run_validate(make_cfg(), ws)
-
-    report = read_json(ws.reports / "validate.json")
-    assert report["passed"] is False
-    assert report["class_counts"] == {"a": 1, "b": 0}
-
-
-def test_run_validate_without_data(tmp_path: Path, make_cfg: Callable[..., PipelineConfig]) -> None:
-    with pytest.raises(PipelineError, match="no ingested data"):
-        run_validate(make_cfg(), Workspace(tmp_path))
