@@ -114,6 +114,22 @@ class TrainConfig(_Strict):
     num_threads: Annotated[int, Field(ge=1)] | None = None
     seed: int = 42
     augment: AugmentConfig = AugmentConfig()
+    #: ``feature_extraction`` / ``partial``: compute the frozen layers' output once per image,
+    #: keep it under .cache/features/ keyed by image hash, and train only the rest on it.
+    #: Random translation cannot be applied to cached features and is skipped; hflip uses
+    #: cached features of the mirrored image.
+    feature_cache: bool = False
+    #: Wrap the training forward pass in torch.compile (worth it on GPU; slower on CPU).
+    compile: bool = False
+    #: A model directory written by save_model to start from (same backbone and classes);
+    #: null starts from ``weights``. A warm start runs ``warm_start_epochs``, not ``epochs``.
+    warm_start: str | None = None
+    warm_start_epochs: Annotated[int, Field(ge=1)] = 1
+    #: lr multiplier when warm-starting: the start is already a good solution, full-size steps move it away.
+    warm_start_lr_mult: Annotated[float, Field(gt=0, le=1)] = 0.3
+    #: Scale ``lr`` with batch_size / base_batch_size: none | linear | sqrt.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    base_batch_size: Annotated[int, Field(ge=1)] = 128
 
 
 class EvaluateConfig(_Strict):

@@ -7,6 +7,7 @@ the orchestration stack.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -208,6 +209,97 @@ def freeze_batchnorm_stats(model: nn.Module) -> None:
                 module.eval()
 
 
+# ---------------------------------------------------------------- frozen front / trainable rest
+
+
+class _PooledFeatures(nn.Module):
+    """Everything up to the pooled features that feed the classifier."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+class _Classifier(nn.Module):
+    """What ``forward_head`` applies after the pooled features: dropout, then the classifier."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The backbone's own training flag, so ImageClassifier.train()/eval() governs dropout here too.
+        x = F.dropout(x, float(getattr(self.model, "drop_rate", 0.0)), self.model.training)
+        return self.model.get_classifier()(x)
+
+
+class _Stem(nn.Module):
+    """EfficientNet-family front: the stem and the first ``blocks`` stages."""
+
+    def __init__(self, model: nn.Module, blocks: int) -> None:
+        super().__init__()
+        self.conv_stem, self.bn1, self.blocks = model.conv_stem, model.bn1, model.blocks[:blocks]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
+
+class _Tail(nn.Module):
+    """EfficientNet-family rest: the remaining stages, the head convolution, pooling and classifier."""
+
+    def __init__(self, model: nn.Module, blocks: int) -> None:
+        super().__init__()
+        self.model, self.blocks = model, model.blocks[blocks:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.forward_head(m.bn2(m.conv_head(self.blocks(x))))
+
+
+def split_backbone(model: nn.Module, strategy: str, frozen_stages: int) -> tuple[nn.Module, nn.Module, str]:
+    """The frozen front of ``model``, the trainable rest and a name for the cut; ``rest(front(x)) == model(x)``.
+
+    Both parts share ``model``'s modules (no copies), so training the rest trains ``model``.
+    The cut follows ``set_trainable``: ``feature_extraction`` (or ``partial`` freezing all but
+    the head) cuts at the pooled features; ``partial`` cuts after ``frozen_stages`` stage
+    groups, which needs an EfficientNet-family backbone (conv_stem, bn1, blocks).
+    """
+    groups = parameter_groups(model)
+    if strategy == "feature_extraction" or (strategy == "partial" and frozen_stages == len(groups) - 1):
+        return _PooledFeatures(model), _Classifier(model), "pooled"
+    if strategy != "partial" or frozen_stages == 0:
+        raise ModelError(f"strategy={strategy!r} with frozen_stages={frozen_stages} freezes nothing to cache")
+    if frozen_stages >= len(groups):
+        raise ModelError(f"frozen_stages={frozen_stages} freezes the whole model; it has {len(groups)} stages")
+    if not all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        raise ModelError(
+            f"cached features for strategy 'partial' need an EfficientNet-family backbone (conv_stem, bn1, blocks); "
+            f"{type(model).__name__} is not one: use strategy 'feature_extraction' or turn feature_cache off"
+        )
+    front = _Stem(model, frozen_stages - 1)  # group 0 is the stem, group k is blocks[k - 1]
+    frozen = {name for group in groups[:frozen_stages] for name in group}
+    named = dict(model.named_parameters())
+    if {id(p) for p in front.parameters()} != {id(named[n]) for n in frozen}:
+        raise ModelError(f"{type(model).__name__}: its stage groups do not match conv_stem/bn1/blocks; cannot split")
+    return front, _Tail(model, frozen_stages - 1), f"stages{frozen_stages}"
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the registered model
+
+
 class ImageClassifier(nn.Module):
     """Backbone plus its preprocessing: uint8 images (N, H, W, 3) in, logits out.
 
@@ -277,13 +369,30 @@ def save_model(model: ImageClassifier, spec: ModelSpec, directory: Path) -> None
     (directory / MODEL_SPEC).write_text(spec.to_json() + "\n", encoding="utf-8")
 
 
-def load_model(directory: Path) -> tuple[ImageClassifier, ModelSpec]:
-    """Rebuild a saved model from its spec and safetensors weights (no pickle)."""
+def read_saved_model(directory: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """The spec and backbone weights of a directory written by ``save_model`` (no pickle)."""
     from safetensors.torch import load_file
 
+    missing = [name for name in (MODEL_SPEC, MODEL_WEIGHTS) if not (directory / name).is_file()]
+    if missing:
+        raise ModelError(f"{directory} is not a saved model: missing {', '.join(missing)}")
     spec = ModelSpec.from_json((directory / MODEL_SPEC).read_text(encoding="utf-8"))
+    return spec, load_file(str(directory / MODEL_WEIGHTS))
+
+
+def check_same_task(saved: ModelSpec, backbone: str, classes: tuple[str, ...]) -> None:
+    """A saved model can seed training only for the same architecture and the same label order."""
+    if saved.backbone != backbone:
+        raise ModelError(f"saved model has backbone {saved.backbone!r}, the config asks for {backbone!r}")
+    if tuple(saved.classes) != tuple(classes):
+        raise ModelError(f"saved model has classes {list(saved.classes)}, the config has {list(classes)}")
+
+
+def load_model(directory: Path) -> tuple[ImageClassifier, ModelSpec]:
+    """Rebuild a saved model from its spec and safetensors weights (no pickle)."""
+    spec, state = read_saved_model(directory)
     backbone = build_model(spec.backbone, len(spec.classes), "none", spec.drop_rate)
-    backbone.load_state_dict(load_file(str(directory / MODEL_WEIGHTS)))
+    backbone.load_state_dict(state)
     model = ImageClassifier(backbone, spec)
     model.eval()
     return model, spec

@@ -4,6 +4,10 @@ Batches are sliced straight from the memory-mapped uint8 arrays that prepare wro
 resizing, normalisation and augmentation run as tensor ops on the training device (no
 per-sample PIL work, no DataLoader workers). A checkpoint is written after every epoch and
 a crashed run resumes from it when its inputs are unchanged.
+
+With ``feature_cache`` the frozen front of the backbone runs once per image (ever, not per
+epoch or per run: see tasks/feature_cache.py) and the epochs train only the rest on the
+cached output. With ``warm_start`` a re-fine-tune starts from the previous model.
 """
 
 from __future__ import annotations
@@ -15,26 +19,33 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tasks.common import PipelineError, Workspace, run_cli, write_json
 from tasks.config import PipelineConfig, TrainConfig, load_params
+from tasks.feature_cache import FeatureStore, FeatureView, cache_key, compute_features, ensure_features
 from tasks.model import (
     ImageClassifier,
     ModelError,
     ModelSpec,
     Preprocessing,
     build_model,
+    check_same_task,
     freeze_batchnorm_stats,
     head_parameter_names,
     predict_logits,
+    read_saved_model,
     save_model,
     set_trainable,
+    split_backbone,
 )
 
 log = logging.getLogger(__name__)
@@ -66,6 +77,31 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def phase_for_epoch(epoch: int, cfg: TrainConfig) -> str:
     """``head`` during warm-up epochs, then the configured strategy."""
     return "head" if epoch < cfg.head_warmup_epochs and cfg.strategy != "feature_extraction" else cfg.strategy
+
+
+def scaled_lr(cfg: TrainConfig) -> float:
+    """``lr`` for ``batch_size``, given that it was tuned at ``base_batch_size``.
+
+    linear: the usual rule for SGD (Goyal et al. 2017); sqrt: gentler, often better for Adam-type optimizers.
+    """
+    ratio = cfg.batch_size / cfg.base_batch_size
+    return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+
+
+def effective_config(cfg: TrainConfig) -> TrainConfig:
+    """The schedule a run follows: a warm start runs ``warm_start_epochs`` at ``lr * warm_start_lr_mult``
+    and no head warm-up (its head is already trained)."""
+    if cfg.warm_start is None:
+        return cfg
+    update = {"epochs": cfg.warm_start_epochs, "head_warmup_epochs": 0, "lr": cfg.lr * cfg.warm_start_lr_mult}
+    return cfg.model_copy(update=update)
+
+
+def uses_feature_cache(cfg: TrainConfig) -> bool:
+    """The cache needs a frozen front: not for ``fine_tune`` nor ``partial`` with nothing frozen."""
+    if not cfg.feature_cache:
+        return False
+    return cfg.strategy == "feature_extraction" or (cfg.strategy == "partial" and cfg.frozen_stages > 0)
 
 
 def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -112,6 +148,10 @@ class TrainResult:
     images_per_s: float
     trainable_params: int
     device: str
+    #: Feature rows computed for the cache in this run (0 without it, or when all were cached).
+    features_computed: int = 0
+    #: Seconds spent computing cached features, included in train_seconds.
+    feature_seconds: float = 0.0
 
 
 def make_optimizer(model: ImageClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -120,19 +160,82 @@ def make_optimizer(model: ImageClassifier, cfg: TrainConfig) -> torch.optim.Opti
     for name, param in model.named_parameters():
         if param.requires_grad:
             (head_params if name in head else body_params).append(param)
-    groups = [{"params": head_params, "lr": cfg.lr, "base_lr": cfg.lr}]
+    lr = scaled_lr(cfg)
+    groups = [{"params": head_params, "lr": lr, "base_lr": lr}]
     if body_params:
-        body_lr = cfg.lr * cfg.backbone_lr_mult
+        body_lr = lr * cfg.backbone_lr_mult
         groups.append({"params": body_params, "lr": body_lr, "base_lr": body_lr})
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
-def evaluate_split(
-    model: ImageClassifier, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device
-) -> tuple[float, float]:
+class LiveInputs:
+    """uint8 images through preprocessing, augmentation and the whole backbone at every step."""
+
+    def __init__(self, model: ImageClassifier, images: np.ndarray) -> None:
+        self.model, self.images = model, images
+        #: What the training step calls; the Trainer may swap in a torch.compile wrapper.
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = model.backbone
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def train_logits(
+        self, idx: np.ndarray, cfg: TrainConfig, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
+        x = torch.from_numpy(self.images[idx]).to(device, non_blocking=True)
+        inputs = augment(self.model.preprocess(x), cfg, generator)
+        return self.forward(inputs.contiguous(memory_format=torch.channels_last))
+
+    def predict(self, batch_size: int, device: torch.device) -> np.ndarray:
+        return predict_logits(self.model, self.images, batch_size, device)
+
+
+class CachedInputs:
+    """Cached output of the frozen front through the trainable rest only.
+
+    hflip picks, per sample, the cached features of the mirrored image, which is what the live
+    path computes for a flipped sample. Random translation has no equivalent here.
+    """
+
+    def __init__(self, rest: nn.Module, features: FeatureView, mirrored: FeatureView | None = None) -> None:
+        self.rest, self.features, self.mirrored = rest, features, mirrored
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = rest
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def _to_device(self, features: np.ndarray, device: torch.device) -> torch.Tensor:
+        x = torch.from_numpy(features).to(device, non_blocking=True).float()
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+    def train_logits(
+        self, idx: np.ndarray, cfg: TrainConfig, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
+        features = self.features[idx]
+        if cfg.augment.hflip and self.mirrored is not None:
+            flip = (torch.rand(len(idx), generator=generator) < 0.5).numpy()
+            features[flip] = self.mirrored[idx[flip]]
+        return self.forward(self._to_device(features, device))
+
+    @torch.inference_mode()
+    def predict(self, batch_size: int, device: torch.device) -> np.ndarray:
+        self.rest.eval()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        out = []
+        for start in range(0, len(self), batch_size):
+            batch = self.features[np.arange(start, min(start + batch_size, len(self)))]
+            with autocast:
+                out.append(self.rest(self._to_device(batch, device)).float().cpu())
+        return torch.cat(out).numpy()
+
+
+Inputs = LiveInputs | CachedInputs
+
+
+def evaluate_split(inputs: Inputs, labels: np.ndarray, batch_size: int, device: torch.device) -> tuple[float, float]:
     if len(labels) == 0:
         return float("nan"), float("nan")
-    logits = torch.from_numpy(predict_logits(model, images, batch_size, device))
+    logits = torch.from_numpy(inputs.predict(batch_size, device))
     target = torch.from_numpy(labels)
     return float(F.cross_entropy(logits, target)), float((logits.argmax(1) == target).float().mean())
 
@@ -186,8 +289,18 @@ class Trainer:
         torch.save(state, tmp)
         tmp.replace(self.checkpoint)
 
-    def fit(self, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]) -> list[EpochStats]:
-        images, labels = train
+    def _inputs(self, data: np.ndarray | Inputs) -> Inputs:
+        return LiveInputs(self.model, data) if isinstance(data, np.ndarray) else data
+
+    def fit(
+        self, train: tuple[np.ndarray | Inputs, np.ndarray], val: tuple[np.ndarray | Inputs, np.ndarray]
+    ) -> list[EpochStats]:
+        """Train on uint8 image arrays (or prepared inputs, e.g. cached features) with their labels."""
+        images, labels = self._inputs(train[0]), train[1]
+        val_inputs = self._inputs(val[0])
+        if self.cfg.compile:
+            # Compile the callable the step uses, not self.model: state_dict keys stay unprefixed.
+            images.forward = torch.compile(images.forward)
         cfg = self.cfg
         steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs
@@ -195,7 +308,7 @@ class Trainer:
         for epoch in range(self._resume(), cfg.epochs):
             self._enter_phase(phase_for_epoch(epoch, cfg))
             stats = self._run_epoch(epoch, images, labels, steps_per_epoch, total_steps, warmup)
-            stats.val_loss, stats.val_accuracy = evaluate_split(self.model, *val, cfg.batch_size * 2, self.device)
+            stats.val_loss, stats.val_accuracy = evaluate_split(val_inputs, val[1], cfg.batch_size * 2, self.device)
             self.history.append(stats)
             log.info(
                 "epoch %d/%d done: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
@@ -206,7 +319,7 @@ class Trainer:
         return self.history
 
     def _run_epoch(
-        self, epoch: int, images: np.ndarray, labels: np.ndarray, steps: int, total: int, warmup: int
+        self, epoch: int, images: Inputs, labels: np.ndarray, steps: int, total: int, warmup: int
     ) -> EpochStats:
         cfg, model, device = self.cfg, self.model, self.device
         torch.manual_seed(cfg.seed + epoch)  # dropout and augmentation repeat exactly on resume
@@ -220,13 +333,11 @@ class Trainer:
         for step in range(steps):
             # Sorted indices read the memmap sequentially; the batch is still a random sample.
             idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
-            x = torch.from_numpy(images[idx]).to(device, non_blocking=True)
             y = torch.from_numpy(labels[idx]).to(device, non_blocking=True)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(epoch * steps + step, total, warmup)
             with autocast:
-                inputs = augment(model.preprocess(x), cfg, generator)
-                logits = model.backbone(inputs.contiguous(memory_format=torch.channels_last))
+                logits = images.train_logits(idx, cfg, generator, device)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -265,49 +376,163 @@ def write_history(path: Path, history: list[EpochStats]) -> None:
         writer.writerows(asdict(h) for h in history)
 
 
-def build_classifier(cfg: PipelineConfig) -> tuple[ImageClassifier, ModelSpec]:
+def warm_start_weights(directory: Path, backbone: str, classes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The backbone weights of a previous model, refused unless it has the same backbone and classes."""
     try:
-        backbone = build_model(cfg.train.backbone, len(cfg.classes), cfg.train.weights, cfg.train.drop_rate)
+        saved, state = read_saved_model(directory)
+        check_same_task(saved, backbone, classes)
+    except ModelError as exc:
+        raise PipelineError(f"train.warm_start: {exc}") from None
+    return state
+
+
+def build_classifier(cfg: PipelineConfig, root: Path = Path()) -> tuple[ImageClassifier, ModelSpec]:
+    """The model to train: pretrained ``weights``, or the ``warm_start`` model (relative to ``root``)."""
+    tcfg = cfg.train
+    try:
+        weights = "none" if tcfg.warm_start else tcfg.weights  # a warm start overwrites every tensor
+        backbone = build_model(tcfg.backbone, len(cfg.classes), weights, tcfg.drop_rate)
     except ModelError as exc:
         raise PipelineError(str(exc)) from None
+    if tcfg.warm_start:
+        backbone.load_state_dict(warm_start_weights(root / tcfg.warm_start, tcfg.backbone, cfg.classes))
+        log.info("warm start from %s", root / tcfg.warm_start)
     spec = ModelSpec(
-        backbone=cfg.train.backbone,
+        backbone=tcfg.backbone,
         classes=cfg.classes,
-        preprocessing=Preprocessing.for_model(backbone, cfg.train.image_size),
-        drop_rate=cfg.train.drop_rate,
+        preprocessing=Preprocessing.for_model(backbone, tcfg.image_size),
+        drop_rate=tcfg.drop_rate,
     )
     return ImageClassifier(backbone, spec), spec
 
 
+def read_split_hashes(prepared: Path) -> dict[str, list[str]]:
+    """Image sha256s per split, in the row order of the split arrays (prepare writes both in one pass)."""
+    hashes: dict[str, list[str]] = {}
+    with (prepared / "index.csv").open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            hashes.setdefault(row["split"], []).append(row["sha256"])
+    return hashes
+
+
+@dataclass(frozen=True)
+class SplitData:
+    images: np.ndarray
+    labels: np.ndarray
+    hashes: list[str]
+
+
+def cached_inputs(
+    model: ImageClassifier, cfg: TrainConfig, cache_root: Path, splits: dict[str, SplitData], device: torch.device
+) -> tuple[dict[str, CachedInputs], int]:
+    """Cached-feature inputs per split and how many feature rows had to be computed now.
+
+    The train split also gets the mirrored images' features when hflip is on.
+    """
+    try:
+        front, rest, cut = split_backbone(model.backbone, cfg.strategy, cfg.frozen_stages)
+    except ModelError as exc:
+        raise PipelineError(f"train.feature_cache: {exc}") from None
+    if cfg.augment.translate:
+        log.warning("feature_cache: augment.translate=%d is ignored (no translation of cached features)",
+                    cfg.augment.translate)  # fmt: skip
+    views: dict[tuple[str, bool], FeatureView] = {}
+    computed = 0
+    stored_shape = next(iter(splits.values())).images.shape[1:]
+    for mirrored in (False, True) if cfg.augment.hflip else (False,):
+        store = FeatureStore(cache_root / cache_key(front, model_preprocessing(model), cut, stored_shape, mirrored))
+        compute = partial(
+            compute_features, front, model.preprocess, mirrored=mirrored, batch_size=cfg.batch_size * 2, device=device
+        )
+        for name, split in splits.items():
+            if mirrored and name != "train":
+                continue
+            computed += ensure_features(store, split.hashes, split.images, compute)
+            views[name, mirrored] = store.view(split.hashes)
+    inputs = {name: CachedInputs(rest, views[name, False], views.get((name, True))) for name in splits}
+    return inputs, computed
+
+
+def model_preprocessing(model: ImageClassifier) -> Preprocessing:
+    """The preprocessing ``model`` applies, read back from its buffers."""
+    return Preprocessing(
+        mean=tuple(float(v) / 255.0 for v in model.mean.flatten().tolist()),
+        std=tuple(float(v) / 255.0 for v in model.std.flatten().tolist()),
+        input_size=model.input_size,
+        interpolation=model.interpolation,
+    )
+
+
+def load_splits(prepared: Path, with_hashes: bool) -> dict[str, SplitData]:
+    splits = {}
+    hashes = read_split_hashes(prepared) if with_hashes else {}
+    for name in ("train", "val"):
+        images, labels = load_split(prepared, name)
+        split_hashes = hashes.get(name, [])
+        if with_hashes and len(split_hashes) != len(labels):
+            raise PipelineError(
+                f"{prepared / 'index.csv'} lists {len(split_hashes)} {name} images, {name}_images.npy has "
+                f"{len(labels)}; run the prepare stage again"
+            )
+        splits[name] = SplitData(images, labels, split_hashes)
+    return splits
+
+
+def training_inputs(
+    model: ImageClassifier, cfg: TrainConfig, ws: Workspace, splits: dict[str, SplitData], device: torch.device
+) -> tuple[dict[str, Inputs], int]:
+    if uses_feature_cache(cfg):
+        return cached_inputs(model, cfg, ws.cache / "features", splits, device)
+    if cfg.feature_cache:
+        log.warning("feature_cache ignored: strategy %r with frozen_stages=%d freezes nothing",
+                    cfg.strategy, cfg.frozen_stages)  # fmt: skip
+    return {name: LiveInputs(model, split.images) for name, split in splits.items()}, 0
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run_train(cfg: PipelineConfig, ws: Workspace) -> TrainResult:
-    tcfg = cfg.train
+    tcfg = effective_config(cfg.train)
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
     device = resolve_device(tcfg.device)
-    train, val = load_split(ws.prepared, "train"), load_split(ws.prepared, "val")
-    if len(train[1]) == 0:
+    splits = load_splits(ws.prepared, with_hashes=uses_feature_cache(tcfg))
+    if len(splits["train"].labels) == 0:
         raise PipelineError("the train split is empty")
-    model, spec = build_classifier(cfg)
+    model, spec = build_classifier(cfg, ws.root)
     log.info(
-        "training %s (%s weights, %s) on %s: %d train / %d val images at %dpx",
-        tcfg.backbone, tcfg.weights, tcfg.strategy, device, len(train[1]), len(val[1]), spec.preprocessing.input_size,
+        "training %s (%s, %s) on %s: %d train / %d val images at %dpx, %d epochs",
+        tcfg.backbone, f"warm start {tcfg.warm_start}" if tcfg.warm_start else f"{tcfg.weights} weights",
+        tcfg.strategy, device, len(splits["train"].labels), len(splits["val"].labels),
+        spec.preprocessing.input_size, tcfg.epochs,
     )  # fmt: skip
-    index_digest = hashlib.sha256((ws.prepared / "index.csv").read_bytes()).hexdigest()
-    checkpoint = ws.cache / "train" / input_fingerprint(cfg, index_digest) / "checkpoint.pt"
+    digest = file_digest(ws.prepared / "index.csv")
+    if tcfg.warm_start:  # same path, new champion: a checkpoint of the old one must not resume
+        digest += file_digest(ws.root / tcfg.warm_start / "model.safetensors")
+    checkpoint = ws.cache / "train" / input_fingerprint(cfg, digest) / "checkpoint.pt"
     trainer = Trainer(model, tcfg, device, checkpoint)
     started = time.monotonic()
-    history = trainer.fit(train, val)
+    inputs, computed = training_inputs(model, tcfg, ws, splits, device)
+    feature_seconds = time.monotonic() - started
+    history = trainer.fit((inputs["train"], splits["train"].labels), (inputs["val"], splits["val"].labels))
     seconds = time.monotonic() - started
     model.cpu()
     save_model(model, spec, ws.models)
-    write_json(ws.models / "train_config.json", {"train": tcfg.model_dump(), "classes": list(cfg.classes)})
+    write_json(ws.models / "train_config.json", {"train": cfg.train.model_dump(), "classes": list(cfg.classes)})
     write_history(ws.reports / "train_history.csv", history)
-    last = history[-1]
     result = TrainResult(
-        len(history), last.val_accuracy, seconds, float(np.mean([h.images_per_s for h in history])),
-        trainer.trainable, str(device),
-    )  # fmt: skip
+        epochs=len(history),
+        val_accuracy=history[-1].val_accuracy,
+        train_seconds=seconds,
+        images_per_s=float(np.mean([h.images_per_s for h in history])),
+        trainable_params=trainer.trainable,
+        device=str(device),
+        features_computed=computed,
+        feature_seconds=feature_seconds,
+    )
     write_json(ws.reports / "train.json", asdict(result))
     shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return result

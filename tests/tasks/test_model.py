@@ -17,14 +17,18 @@ from tasks.model import (
     Preprocessing,
     build_model,
     check_backbone,
+    check_same_task,
     freeze_batchnorm_stats,
     load_model,
     map_state_dict_in_order,
     packaged_state_dict,
     parameter_groups,
     predict_logits,
+    read_saved_model,
     save_model,
     set_trainable,
+    split_backbone,
+    state_digest,
 )
 
 LITE0 = "tf_efficientnet_lite0"
@@ -344,3 +348,117 @@ def test_predict_logits_on_no_images(lite0: torch.nn.Module) -> None:
     logits = predict_logits(model, np.zeros((0, 16, 16, 3), dtype=np.uint8), batch_size=2, device=CPU)
 
     assert logits.shape == (0, 4)
+
+
+# ---------------------------------------------------------------- frozen front / trainable rest
+
+
+def with_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Move BatchNorm running statistics off their defaults, so a split that skipped one would show."""
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "frozen_stages", "cut", "feature_shape"),
+    [
+        ("feature_extraction", 0, "pooled", (1280,)),
+        ("partial", 1, "stages1", (32, 16, 16)),
+        ("partial", 3, "stages3", (24, 8, 8)),
+        ("partial", 7, "stages7", (192, 1, 1)),
+        ("partial", 8, "pooled", (1280,)),  # everything but the head frozen: same cut as feature_extraction
+    ],
+)
+def test_split_backbone_front_then_rest_is_the_model(
+    lite0: torch.nn.Module, strategy: str, frozen_stages: int, cut: str, feature_shape: tuple[int, ...]
+) -> None:
+    model = with_batchnorm_statistics(lite0)
+    x = torch.randn(3, 3, 32, 32)
+
+    front, rest, name = split_backbone(model, strategy, frozen_stages)
+
+    with torch.inference_mode():
+        features = front(x)
+        assert name == cut and tuple(features.shape[1:]) == feature_shape
+        torch.testing.assert_close(rest(features), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_split_backbone_front_holds_exactly_the_frozen_parameters(lite0: torch.nn.Module) -> None:
+    set_trainable(lite0, "partial", frozen_stages=3)
+
+    front, rest, _ = split_backbone(lite0, "partial", frozen_stages=3)
+
+    assert not any(p.requires_grad for p in front.parameters())
+    frozen = {id(p) for p in lite0.parameters() if not p.requires_grad}
+    assert {id(p) for p in front.parameters()} == frozen
+    # The rest trains the model's own tensors, not copies.
+    assert id(lite0.classifier.weight) in {id(p) for p in rest.parameters()}
+
+
+def test_split_backbone_dropout_follows_the_models_mode() -> None:
+    model = build_model(LITE0, 4, "none", drop_rate=0.5)
+    _, rest, _ = split_backbone(model, "feature_extraction", 0)
+    features = torch.ones(64, 1280)
+
+    model.eval()
+    assert torch.equal(rest(features), rest(features))
+    model.train()
+    assert not torch.equal(rest(features), rest(features))
+
+
+@pytest.mark.parametrize(("strategy", "frozen_stages"), [("fine_tune", 2), ("partial", 0)])
+def test_split_backbone_needs_something_frozen(lite0: torch.nn.Module, strategy: str, frozen_stages: int) -> None:
+    with pytest.raises(ModelError, match="freezes nothing to cache"):
+        split_backbone(lite0, strategy, frozen_stages)
+
+
+def test_split_backbone_partial_needs_an_efficientnet_family_backbone() -> None:
+    resnet = timm.create_model("resnet10t", num_classes=2).eval()
+
+    with pytest.raises(ModelError, match=r"need an EfficientNet-family backbone.*ResNet is not one"):
+        split_backbone(resnet, "partial", 2)
+    front, rest, _ = split_backbone(resnet, "feature_extraction", 0)  # the pooled cut is generic
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(rest(front(x)), resnet(x))
+
+
+def test_state_digest_follows_weights_and_buffers(lite0: torch.nn.Module) -> None:
+    before = state_digest(lite0)
+
+    assert state_digest(lite0) == before
+    with torch.no_grad():
+        lite0.bn1.running_mean += 1
+    assert state_digest(lite0) != before
+
+
+# ---------------------------------------------------------------- a saved model as a starting point
+
+
+def test_read_saved_model_returns_spec_and_weights(tmp_path: Path, lite0: torch.nn.Module) -> None:
+    model = classifier(lite0, ("a", "b", "c", "d"))
+    model_spec = ModelSpec(LITE0, ("a", "b", "c", "d"), Preprocessing.for_model(lite0, 32))
+    save_model(model, model_spec, tmp_path)
+
+    spec, state = read_saved_model(tmp_path)
+
+    assert spec == model_spec
+    assert state.keys() == lite0.state_dict().keys()
+    assert torch.equal(state["conv_stem.weight"], lite0.conv_stem.weight)
+
+
+def test_read_saved_model_names_the_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=f"{tmp_path} is not a saved model: missing {MODEL_SPEC}, {MODEL_WEIGHTS}"):
+        read_saved_model(tmp_path)
+
+
+def test_check_same_task_names_the_mismatch() -> None:
+    spec = ModelSpec(LITE0, ("a", "b"), Preprocessing((0.5,) * 3, (0.5,) * 3, 32, "bicubic"))
+
+    check_same_task(spec, LITE0, ("a", "b"))
+    with pytest.raises(ModelError, match="saved model has backbone 'tf_efficientnet_lite0', the config asks for 'x'"):
+        check_same_task(spec, "x", ("a", "b"))
+    with pytest.raises(ModelError, match=r"saved model has classes \['a', 'b'\], the config has \['b', 'a'\]"):
+        check_same_task(spec, LITE0, ("b", "a"))

@@ -11,12 +11,25 @@ import pytest
 import torch
 
 from tasks.common import PipelineError, Workspace, read_json
-from tasks.config import PipelineConfig, TrainConfig
-from tasks.model import ImageClassifier, ModelSpec, Preprocessing, build_model, load_model, set_trainable
+from tasks.config import AugmentConfig, PipelineConfig, TrainConfig
+from tasks.model import (
+    ImageClassifier,
+    ModelSpec,
+    Preprocessing,
+    build_model,
+    load_model,
+    predict_logits,
+    save_model,
+    set_trainable,
+)
 from tasks.train import (
     HISTORY_COLUMNS,
+    LiveInputs,
+    SplitData,
     Trainer,
     augment,
+    cached_inputs,
+    effective_config,
     input_fingerprint,
     load_split,
     lr_factor,
@@ -24,6 +37,8 @@ from tasks.train import (
     phase_for_epoch,
     resolve_device,
     run_train,
+    scaled_lr,
+    uses_feature_cache,
 )
 
 LITE0 = "tf_efficientnet_lite0"
@@ -296,3 +311,225 @@ def test_run_train_turns_a_bad_backbone_into_a_pipeline_error(
 
     with pytest.raises(PipelineError, match=r"did you mean: .*tf_efficientnet_lite0"):
         run_train(make_cfg(train={"device": "cpu", "backbone": "tf_efficientnet_lite", "weights": "none"}), ws)
+
+
+# ---------------------------------------------------------------- lr scaling, warm start schedule, cache choice
+
+
+@pytest.mark.parametrize(("scaling", "expected"), [("none", 0.01), ("linear", 0.04), ("sqrt", 0.02)])
+def test_scaled_lr_follows_the_batch_size(scaling: str, expected: float) -> None:
+    cfg = TrainConfig(lr=0.01, batch_size=512, base_batch_size=128, lr_scaling=scaling)
+
+    assert scaled_lr(cfg) == pytest.approx(expected)
+    assert scaled_lr(cfg.model_copy(update={"batch_size": 128})) == pytest.approx(0.01)
+
+
+def test_optimizer_uses_the_scaled_rate() -> None:
+    model = tiny_classifier()
+    set_trainable(model.backbone, "partial", 2)
+    cfg = TrainConfig(lr=0.01, backbone_lr_mult=0.5, batch_size=32, base_batch_size=128, lr_scaling="linear")
+
+    assert [g["lr"] for g in make_optimizer(model, cfg).param_groups] == pytest.approx([0.0025, 0.00125])
+
+
+def test_effective_config_for_a_warm_start_runs_its_own_epochs_and_rate_without_head_warmup() -> None:
+    cold = TrainConfig(epochs=5, head_warmup_epochs=2, lr=0.01, warm_start_epochs=1, warm_start_lr_mult=0.5)
+    warm = effective_config(cold.model_copy(update={"warm_start": "champion"}))
+
+    assert effective_config(cold) is cold
+    assert (warm.epochs, warm.head_warmup_epochs, warm.lr) == (1, 0, 0.005)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "frozen_stages", "expected"),
+    [("feature_extraction", 0, True), ("partial", 3, True), ("partial", 0, False), ("fine_tune", 3, False)],
+)
+def test_uses_feature_cache_only_with_a_frozen_front(strategy: str, frozen_stages: int, expected: bool) -> None:
+    cfg = TrainConfig(strategy=strategy, frozen_stages=frozen_stages, feature_cache=True)
+
+    assert uses_feature_cache(cfg) is expected
+    assert uses_feature_cache(cfg.model_copy(update={"feature_cache": False})) is False
+
+
+# ---------------------------------------------------------------- cached features
+
+
+def split_data(n: int, seed: int, prefix: str) -> SplitData:
+    images, labels = tiny_data(n, seed)
+    return SplitData(images, labels, [f"{prefix}{i:063d}" for i in range(n)])
+
+
+def trained_statistics(model: ImageClassifier) -> ImageClassifier:
+    """BatchNorm statistics off their defaults, so cached features must carry the frozen ones."""
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(tiny_data(16, 9)[0]))
+    return model.eval()
+
+
+@pytest.mark.parametrize(("strategy", "frozen_stages"), [("feature_extraction", 0), ("partial", 3)])
+def test_cached_features_give_the_logits_of_the_full_model(tmp_path: Path, strategy: str, frozen_stages: int) -> None:
+    model = trained_statistics(tiny_classifier())
+    cfg = TINY.model_copy(update={"strategy": strategy, "frozen_stages": frozen_stages, "feature_cache": True})
+    splits = {"train": split_data(12, 0, "t"), "val": split_data(10, 1, "v")}
+
+    inputs, computed = cached_inputs(model, cfg, tmp_path, splits, CPU)
+
+    assert computed == 2 * 12 + 10  # train images plain and mirrored, val plain
+    for name, split in splits.items():
+        live = predict_logits(model, split.images, 4, CPU)
+        np.testing.assert_allclose(inputs[name].predict(4, CPU), live, rtol=1e-2, atol=2e-3)
+
+
+def test_a_cached_training_step_matches_the_live_one_flips_included(tmp_path: Path) -> None:
+    model = trained_statistics(tiny_classifier())
+    cfg = TINY.model_copy(update={"frozen_stages": 3, "feature_cache": True, "augment": AugmentConfig(translate=0)})
+    set_trainable(model.backbone, "partial", 3)
+    splits = {"train": split_data(16, 0, "t"), "val": split_data(4, 1, "v")}
+    cached = cached_inputs(model, cfg, tmp_path, splits, CPU)[0]["train"]
+    live = LiveInputs(model, splits["train"].images)
+    idx = np.arange(16)
+
+    # Eval mode: batch statistics of a 16-image batch at 1x1 resolution would amplify the float16
+    # rounding of the cache far beyond any tolerance; what is tested here is which samples are mirrored.
+    model.eval()
+    with torch.no_grad():
+        got = cached.train_logits(idx, cfg, torch.Generator().manual_seed(3), CPU)
+        expected = live.train_logits(idx, cfg, torch.Generator().manual_seed(3), CPU)
+        no_flip = cfg.model_copy(update={"augment": AugmentConfig(hflip=False, translate=0)})
+        unflipped = live.train_logits(idx, no_flip, torch.Generator(), CPU)
+
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=2e-3)
+    assert not torch.allclose(got, unflipped, rtol=1e-2, atol=2e-3)  # some samples really were mirrored
+
+
+def write_prepared(ws: Workspace, splits: dict[str, SplitData]) -> None:
+    ws.prepared.mkdir(parents=True, exist_ok=True)
+    rows = ["sha256,split,label,batch_id,path"]
+    for name, split in splits.items():
+        np.save(ws.prepared / f"{name}_images.npy", split.images)
+        np.save(ws.prepared / f"{name}_labels.npy", split.labels)
+        rows += [f"{sha},{name},a,b1,{sha[-3:]}.png" for sha in split.hashes]
+    (ws.prepared / "index.csv").write_text("\n".join(rows) + "\n")
+
+
+def grow(split: SplitData, extra: SplitData) -> SplitData:
+    """A split after a new batch: prepare sorts by hash, so new images land between the old ones."""
+    order = np.argsort(split.hashes + extra.hashes)
+    images, labels = np.concatenate([split.images, extra.images]), np.concatenate([split.labels, extra.labels])
+    return SplitData(images[order], labels[order], [(split.hashes + extra.hashes)[i] for i in order])
+
+
+@pytest.mark.parametrize(("hflip", "rows_per_new_image"), [(False, 1), (True, 2)])
+def test_a_rerun_after_a_new_batch_computes_features_only_for_the_new_images(
+    tmp_path: Path, make_cfg: Callable[..., PipelineConfig], hflip: bool, rows_per_new_image: int
+) -> None:
+    ws = Workspace(tmp_path)
+    splits = {"train": split_data(40, 0, "a"), "val": split_data(8, 1, "v")}
+    write_prepared(ws, splits)
+    train = {**TINY.model_dump(), "epochs": 1, "device": "cpu", "feature_cache": True, "augment": {"hflip": hflip}}
+    cfg = make_cfg(train=train)
+
+    first = run_train(cfg, ws)
+    write_prepared(ws, {**splits, "train": grow(splits["train"], split_data(6, 2, "b"))})
+    second = run_train(cfg, ws)
+    third = run_train(cfg, ws)
+
+    assert first.features_computed == 40 * rows_per_new_image + 8
+    assert second.features_computed == 6 * rows_per_new_image
+    assert third.features_computed == 0
+    assert read_json(ws.reports / "train.json")["features_computed"] == 0
+
+
+def test_run_train_refuses_an_index_that_does_not_match_the_arrays(
+    tmp_path: Path, make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws = Workspace(tmp_path)
+    write_prepared(ws, {"train": split_data(4, 0, "a"), "val": split_data(2, 1, "v")})
+    np.save(ws.prepared / "train_images.npy", tiny_data(5, 0)[0])
+    np.save(ws.prepared / "train_labels.npy", tiny_data(5, 0)[1])
+
+    with pytest.raises(PipelineError, match=r"index\.csv lists 4 train images, train_images\.npy has 5"):
+        run_train(make_cfg(train={**TINY.model_dump(), "device": "cpu", "feature_cache": True}), ws)
+
+
+# ---------------------------------------------------------------- warm start
+
+
+def saved_model(directory: Path, classes: tuple[str, ...] = ("a", "b"), backbone: str = LITE0) -> Path:
+    """A previous model whose stem is recognisable (constant 0.25), saved like the train stage does."""
+    model = tiny_classifier(classes)
+    with torch.no_grad():
+        model.backbone.conv_stem.weight.fill_(0.25)
+    save_model(model, ModelSpec(backbone, classes, Preprocessing.for_model(model.backbone, 32)), directory)
+    return directory
+
+
+def test_warm_start_loads_the_previous_model_and_runs_warm_start_epochs(
+    tmp_path: Path, make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws = Workspace(tmp_path)
+    write_prepared(ws, {"train": split_data(40, 0, "a"), "val": split_data(8, 1, "v")})
+    saved_model(tmp_path / "champion")
+    train = {**TINY.model_dump(), "epochs": 5, "device": "cpu", "warm_start": "champion", "warm_start_epochs": 1}
+
+    result = run_train(make_cfg(train=train), ws)
+
+    assert result.epochs == 1
+    model, _ = load_model(ws.models)
+    assert torch.all(model.backbone.conv_stem.weight == 0.25)  # frozen, so still the warm start's
+
+
+@pytest.mark.parametrize(
+    ("classes", "backbone", "message"),
+    [
+        (("b", "a"), LITE0, r"train\.warm_start: saved model has classes \['b', 'a'\], the config has \['a', 'b'\]"),
+        (("a", "b"), "mobilenetv3_small_050", "train.warm_start: saved model has backbone 'mobilenetv3_small_050'"),
+    ],
+)
+def test_warm_start_from_another_task_is_a_pipeline_error(
+    tmp_path: Path, make_cfg: Callable[..., PipelineConfig], classes: tuple[str, ...], backbone: str, message: str
+) -> None:
+    ws = Workspace(tmp_path)
+    write_prepared(ws, {"train": split_data(4, 0, "a"), "val": split_data(2, 1, "v")})
+    saved_model(tmp_path / "old", classes, backbone)
+
+    with pytest.raises(PipelineError, match=message):
+        run_train(make_cfg(train={**TINY.model_dump(), "device": "cpu", "warm_start": str(tmp_path / "old")}), ws)
+
+
+def test_warm_start_from_a_missing_model_is_a_pipeline_error(
+    tmp_path: Path, make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws = Workspace(tmp_path)
+    write_prepared(ws, {"train": split_data(4, 0, "a"), "val": split_data(2, 1, "v")})
+
+    with pytest.raises(PipelineError, match=r"train\.warm_start: .*nowhere is not a saved model: missing model\.json"):
+        run_train(make_cfg(train={**TINY.model_dump(), "device": "cpu", "warm_start": "nowhere"}), ws)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def compile_works() -> bool:
+    try:
+        return bool(torch.compile(lambda x: x + 1)(torch.zeros(1)) == 1)
+    except Exception:  # no C compiler, unsupported Python or platform: inductor raises many kinds
+        return False
+
+
+@pytest.mark.skipif(not compile_works(), reason="torch.compile is not supported here")
+def test_compiled_training_keeps_checkpoints_and_saved_models_unprefixed(tmp_path: Path) -> None:
+    cfg = TINY.model_copy(update={"compile": True, "epochs": 1, "strategy": "feature_extraction"})
+    model = tiny_classifier()
+    checkpoint = tmp_path / "checkpoint.pt"
+
+    history = Trainer(model, cfg, CPU, checkpoint).fit(tiny_data(32, 0), tiny_data(8, 1))
+
+    assert len(history) == 1 and np.isfinite(history[0].train_loss)
+    state = torch.load(checkpoint, weights_only=True)
+    assert not any("_orig_mod" in key for key in state["model"])
+    resumed = tiny_classifier()
+    assert Trainer(resumed, cfg, CPU, checkpoint).fit(tiny_data(32, 0), tiny_data(8, 1)) == history
+    save_model(model, ModelSpec(LITE0, ("a", "b"), Preprocessing.for_model(model.backbone, 32)), tmp_path / "m")
+    assert load_model(tmp_path / "m")[0].state_dict().keys() == model.state_dict().keys()
