@@ -1,0 +1,1 @@
+"""Benchmarks: the training core against the plain PyTorch loop, and orchestration figures."""
