@@ -20,7 +20,7 @@ help:
 	@echo "make up      start a local Prefect server (UI on http://127.0.0.1:$(PREFECT_PORT)) and serve the deployments"
 	@echo "make down    stop exactly what make up started"
 	@echo "make lint    ruff check + format check"
-	@echo "make bench   the tutorial PyTorch loop vs our training core on CPU (~10-15 min on 2 cores)"
+	@echo "make bench   the tutorial PyTorch loop vs our training core on CPU (~15 min on 2 cores)"
 	@echo "make bench-gpu  the same on the GPU machine: 60,000 images, 3 epochs (results in bench/results/)"
 
 uv:
@@ -56,11 +56,12 @@ up: setup
 down:
 	$(UV) run python -m flows.server down
 
-# Benchmark (bench/run.py): the loop the tutorials teach (bench/reference.py) vs our training
-# core, same images, same epochs, each side in its own process. Sized from a measurement on the
-# 2-core CPU machine: the reference at its tutorial 224 px trains at ~5 images/s there, so on
-# CPU both sides run at the pipeline's own 64 px (params.yaml) and score 2,000 test images.
-BENCH_ARGS ?= --train-images 4000 --test-images 2000 --epochs 2 --params params.yaml --ref-image-size 64
+# Benchmark (bench/run.py): the loop the tutorials teach (bench/reference.py: resnet18, PIL per
+# sample, Resize 224) vs our training core as params.yaml configures it, same images, same epochs,
+# each side in its own process. Sized for the 2-core CPU machine (~15 min: the reference trains
+# at about 8 images/s there). `make bench BENCH_ARGS="... --ref-image-size 64"` compares at
+# equal resolution.
+BENCH_ARGS ?= --train-images 2000 --test-images 2000 --epochs 2 --params params.yaml
 bench: setup data
 	$(UV) run python -m bench.run $(BENCH_ARGS)
 
