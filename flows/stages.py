@@ -44,14 +44,7 @@ def ingest(workspace: str) -> dict[str, Any]:
         logger.warning("batch %s: quarantined %s (data/quarantine/%s/)", name, counts, name)
     for name, why in result.rejected.items():
         logger.error("batch %s rejected: %s (data/quarantine/%s/)", name, why, name)
-    return {
-        "ingested": result.ingested,
-        "skipped": result.skipped,
-        "rejected": result.rejected,
-        "quarantined": result.quarantined,
-        "notes": result.notes,
-        "data_hash": result.data_hash,
-    }
+    return asdict(result)
 
 
 def ingest_markdown(result: dict[str, Any]) -> str | None:

@@ -274,7 +274,7 @@ def _against_known(accepted: Accepted, known: KnownImage) -> RowProblem:
     return RowProblem(DUPLICATE, f"same image already ingested as {known.where}")
 
 
-def check_batch(batch_name: str, rows: list[_Row], cfg: PipelineConfig, known: dict[str, KnownImage]) -> BatchCheck:
+def check_batch(rows: list[_Row], cfg: PipelineConfig, known: dict[str, KnownImage]) -> BatchCheck:
     """Sort a batch's rows into accepted and quarantined (with the reason).
 
     ``known`` maps the pixel hash of every image ingested so far, and of the benchmark, to
@@ -486,7 +486,7 @@ def _check_new(names: list[str], hashed: dict[str, tuple], landing: Path, cfg: P
     checks = {}
     for name in names:
         rows, _, notes = hashed[name]
-        check = check_batch(name, rows, cfg, known)
+        check = check_batch(rows, cfg, known)
         check.notes[:0] = notes
         if why := too_many_bad(check, cfg):
             _reject(landing / name, check, ws, BatchRejected(name, "too_many_bad_rows", why), result)

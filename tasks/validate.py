@@ -16,7 +16,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,8 +208,7 @@ def reinspect(row: dict[str, Any], path: Path, cfg: ValidateConfig, verify_hashe
     except RowProblem as exc:
         return {**row, "decodable": False, "problem": exc.detail}
     unchanged = not verify_hashes or sha256_file(path) == row["sha256"]
-    found = {k: getattr(info, k) for k in ("width", "height", "mode", "channels", "bytes", "format", "pixel_sha256")}
-    return {**row, **found, "decodable": True, "content_unchanged": unchanged}
+    return {**row, **asdict(info), "decodable": True, "content_unchanged": unchanged}
 
 
 def build_table(
@@ -259,7 +258,7 @@ def benchmark_manifest(ws: Workspace, cfg: PipelineConfig) -> list[dict[str, str
         rows.append({
             "path": path.relative_to(ws.benchmark).as_posix(), "source_path": path.relative_to(ws.benchmark).as_posix(),
             "label": label, "sha256": sha256_file(path), "batch_id": BENCHMARK_BATCH,
-            **{k: getattr(info, k) for k in ("width", "height", "mode", "channels", "bytes", "format", "pixel_sha256")},
+            **asdict(info),
         })  # fmt: skip
     return rows
 

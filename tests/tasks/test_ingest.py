@@ -280,7 +280,7 @@ def test_check_batch_quarantines_each_bad_row_with_its_reason(
     )
     rows, _, _ = hash_batch(batch, cfg)
 
-    check = check_batch("b1", rows, cfg, {})
+    check = check_batch(rows, cfg, {})
 
     assert [a.item.row.path for a in check.accepted] == ["ok.png"]
     assert {(q.item.row.path, q.reason) for q in check.quarantined} == {
@@ -301,7 +301,7 @@ def test_check_batch_returns_properties_of_good_images(
     write_labels(batch, [("X.PNG", "b")])
     rows, digest, _ = hash_batch(batch, make_cfg())
 
-    check = check_batch("b1", rows, make_cfg(), {})
+    check = check_batch(rows, make_cfg(), {})
 
     assert [(a.info.width, a.info.height, a.info.format, a.info.mode) for a in check.accepted] == [
         (9, 11, "PNG", "RGB")
@@ -514,7 +514,7 @@ def test_check_batch_quarantines_both_rows_of_a_conflict_within_the_batch(
     write_labels(batch, [("x.png", "a"), ("y.png", "b"), ("ok.png", "a")])
     rows, _, _ = hash_batch(batch, make_cfg())
 
-    check = check_batch("b1", rows, make_cfg(), {})
+    check = check_batch(rows, make_cfg(), {})
 
     assert [a.item.row.path for a in check.accepted] == ["ok.png"]
     assert [(q.item.row.path, q.reason) for q in check.quarantined] == [
@@ -530,10 +530,10 @@ def test_check_batch_compares_with_ingested_images_by_pixels(
     write_png(batch / "x.png", seed=3)
     write_labels(batch, [("x.png", "b")])
     rows, _, _ = hash_batch(batch, make_cfg())
-    pixels = check_batch("b2", rows, make_cfg(), {}).accepted[0].info.pixel_sha256
+    pixels = check_batch(rows, make_cfg(), {}).accepted[0].info.pixel_sha256
 
     def reason(known: KnownImage) -> tuple[str, str]:
-        q = check_batch("b2", rows, make_cfg(), {pixels: known}).quarantined[0]
+        q = check_batch(rows, make_cfg(), {pixels: known}).quarantined[0]
         return q.reason, q.detail
 
     assert reason(KnownImage("a", "b1/x.png")) == (
