@@ -31,7 +31,7 @@ setup: uv
 	$(UV) sync --frozen
 
 # The demo's data: Debian's dataset-fashion-mnist when missing and we are root; otherwise
-# tasks.fashion_mnist explains how to get it (apt, or torchvision's download with internet).
+# tasks.data.fashion_mnist explains how to get it (apt, or torchvision's download with internet).
 data:
 	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing dataset-fashion-mnist (Debian package)"; \

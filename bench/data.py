@@ -78,7 +78,7 @@ def read_arrays(directory: Path, limit: int | None = None) -> tuple[np.ndarray, 
 def prepare_fmnist(cache: Path, fmnist_cache: Path, train_images: int, test_images: int) -> BenchData:
     """The first ``train_images`` Fashion-MNIST train images and the first ``test_images`` of
     the official test set, under ``cache/png-<N>/``; written on first use only."""
-    from tasks.fashion_mnist import find_source, load_split
+    from tasks.data.fashion_mnist import find_source, load_split
 
     root = cache / f"png-{train_images}"
     train_dir, test_dir = root / "train", root / "test"

@@ -31,10 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train_fmnist import as_rgb, parse_overrides
-from tasks.config import TrainConfig
-from tasks.fashion_mnist import CLASSES, find_source, load_split
-from tasks.model import ImageClassifier, ModelSpec, Preprocessing, build_model, predict_logits, save_model
-from tasks.train import SplitData, Trainer, cached_inputs, effective_config, resolve_device, warm_start_weights
+from tasks.common.config import TrainConfig
+from tasks.data.fashion_mnist import CLASSES, find_source, load_split
+from tasks.model.network import ImageClassifier, ModelSpec, Preprocessing, build_model, predict_logits, save_model
+from tasks.model.trainer import SplitData, Trainer, cached_inputs, effective_config, resolve_device
+from tasks.train import warm_start_weights
 
 log = logging.getLogger("bench.incremental")
 

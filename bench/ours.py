@@ -28,9 +28,9 @@ import torch
 
 from bench.data import read_arrays
 from bench.reference import emit, epoch_record, peak_memory, reset_peak_memory, synchronize
-from tasks.config import TrainConfig
-from tasks.model import ImageClassifier, ModelSpec, Preprocessing, build_model
-from tasks.train import SplitData, Trainer, cached_inputs, resolve_device, uses_feature_cache
+from tasks.common.config import TrainConfig
+from tasks.model.network import ImageClassifier, ModelSpec, Preprocessing, build_model
+from tasks.model.trainer import SplitData, Trainer, cached_inputs, resolve_device, uses_feature_cache
 
 log = logging.getLogger("bench.ours")
 

@@ -36,8 +36,8 @@ from pydantic import ValidationError
 
 from bench.data import BenchData, prepare_fmnist
 from bench.reference import WEIGHTS_NOTE, default_workers
-from tasks.common import PipelineError
-from tasks.config import TrainConfig, load_params
+from tasks.common.config import TrainConfig, load_params
+from tasks.common.errors import PipelineError
 
 log = logging.getLogger("bench.run")
 

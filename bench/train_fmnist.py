@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import TrainConfig
-from tasks.fashion_mnist import CLASSES, find_source, load_split
-from tasks.model import ImageClassifier, ModelSpec, Preprocessing, build_model, predict_logits
-from tasks.train import Trainer, resolve_device
+from tasks.common.config import TrainConfig
+from tasks.data.fashion_mnist import CLASSES, find_source, load_split
+from tasks.model.network import ImageClassifier, ModelSpec, Preprocessing, build_model, predict_logits
+from tasks.model.trainer import Trainer, resolve_device
 
 
 def as_rgb(images: np.ndarray) -> np.ndarray:

@@ -27,10 +27,13 @@ from typing import Any
 import httpx
 
 from flows import server
-from tasks.common import PipelineError, Workspace, read_json, setup_cli_logging
-from tasks.config import load_params
-from tasks.fashion_mnist import CLASSES, batch_name, deliver_batch, find_source, write_benchmark
-from tasks.ingest import run_dvc
+from tasks.common.config import load_params
+from tasks.common.dvc import run_dvc
+from tasks.common.errors import PipelineError
+from tasks.common.files import read_json
+from tasks.common.stage import setup_cli_logging
+from tasks.common.workspace import Workspace
+from tasks.data.fashion_mnist import CLASSES, batch_name, deliver_batch, find_source, write_benchmark
 
 log = logging.getLogger("demo")
 
@@ -75,7 +78,7 @@ def task_states(url: str, flow_run_id: str) -> str:
 
 def latest_progress(ws: Workspace) -> str:
     """The training stage's last progress line, from the serve process's log."""
-    log_file = ws.cache / "services" / "serve.log"
+    log_file = ws.services / "serve.log"
     if not log_file.is_file():
         return ""
     with log_file.open("rb") as fh:
@@ -106,7 +109,7 @@ def wait_for_retrain(url: str, ws: Workspace, since: float, timeout_s: float = 1
 
 
 def describe(run: dict[str, Any], ws: Workspace, landed: float) -> str:
-    metrics = read_json(ws.reports / "metrics.json")
+    metrics = read_json(ws.metrics)
     rows = "\n".join(
         f"    {split:<10} accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})"
         for split, m in metrics.items()
@@ -119,7 +122,7 @@ def describe(run: dict[str, Any], ws: Workspace, landed: float) -> str:
 
 
 def registry_summary(ws: Workspace) -> str:
-    from tasks.promote import registry_status
+    from tasks.registry.aliases import registry_status
 
     cfg = load_params(ws.params)
     lines = [
@@ -130,7 +133,7 @@ def registry_summary(ws: Workspace) -> str:
 
 
 def next_steps(ws: Workspace, url: str | None) -> str:
-    from tasks.register import tracking_uri
+    from tasks.registry.tracking import tracking_uri
 
     name = load_params(ws.params).register_.model_name
     ui = (

@@ -22,8 +22,8 @@ from prefect.events import DeploymentEventTrigger
 
 from flows.retrain import retrain
 from flows.watch import DATASET_EVENT, dataset_resource_id, watch_landing
-from tasks.common import Workspace
-from tasks.config import PipelineConfig, load_params
+from tasks.common.config import PipelineConfig, load_params
+from tasks.common.workspace import Workspace
 
 
 def build_deployments(ws: Workspace, cfg: PipelineConfig, interval_s: int | None = None) -> list[RunnerDeployment]:

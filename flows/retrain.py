@@ -26,7 +26,9 @@ from flows.stages import (
     trained_version,
 )
 from flows.watch import PIPELINE_LOCK
-from tasks.common import DVC_STAGES, Workspace, read_json, workspace_lock
+from tasks.common.files import read_json
+from tasks.common.stage import DVC_STAGES
+from tasks.common.workspace import Workspace, workspace_lock
 
 
 def summary_markdown(
@@ -36,8 +38,8 @@ def summary_markdown(
     ws: Workspace,
     decision: dict[str, Any] | None = None,
 ) -> str:
-    metrics = read_json(ws.reports / "metrics.json") if (ws.reports / "metrics.json").is_file() else {}
-    train = read_json(ws.reports / "train.json") if (ws.reports / "train.json").is_file() else {}
+    metrics = read_json(ws.metrics) if ws.metrics.is_file() else {}
+    train = read_json(ws.train_report) if ws.train_report.is_file() else {}
     lines = [
         "# Retrain summary",
         "",

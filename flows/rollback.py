@@ -16,9 +16,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import Workspace
-from tasks.config import load_params
-from tasks.promote import rollback as rollback_champion
+from tasks.common.config import load_params
+from tasks.common.workspace import Workspace
+from tasks.registry.aliases import rollback as rollback_champion
 
 
 @task(name="rollback")

@@ -18,7 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tasks.common import PipelineError, Workspace
+from tasks.common.errors import PipelineError
+from tasks.common.workspace import Workspace
 
 DEFAULT_PORT = 4200
 
@@ -48,11 +49,11 @@ def require_api() -> str:
 
 
 def _pidfile(ws: Workspace, name: str) -> Path:
-    return ws.cache / "services" / f"{name}.pid"
+    return ws.services / f"{name}.pid"
 
 
 def _start(ws: Workspace, name: str, cmd: list[str], env: dict[str, str]) -> int:
-    log_dir = ws.cache / "services"
+    log_dir = ws.services
     log_dir.mkdir(parents=True, exist_ok=True)
     with (log_dir / f"{name}.log").open("ab") as log:
         proc = subprocess.Popen(  # own session: `down` stops the whole process group
@@ -97,7 +98,7 @@ def up(ws: Workspace, port: int, interval: int | None) -> str:
     deadline = time.monotonic() + 120
     while not healthy(url):
         if time.monotonic() > deadline:
-            log = ws.cache / "services" / "server.log"
+            log = ws.services / "server.log"
             raise PipelineError(f"the Prefect server did not answer at {url} within 120 s; see {log}")
         time.sleep(1)
     start_serve(ws, url, interval)

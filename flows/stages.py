@@ -15,8 +15,11 @@ from prefect import Task, get_run_logger, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from tasks.common import DVC_STAGES, ERROR_PREFIX, PipelineError, Workspace, read_json
-from tasks.config import load_params
+from tasks.common.config import load_params
+from tasks.common.errors import PipelineError
+from tasks.common.files import read_json
+from tasks.common.stage import DVC_STAGES, ERROR_PREFIX
+from tasks.common.workspace import Workspace
 from tasks.ingest import run_ingest
 from tasks.register import run_register, version_for_data
 
@@ -66,7 +69,7 @@ def publish_validation(ws: Workspace) -> None:
     """The validate stage's one-screen summary as a Prefect artifact (pass or fail)."""
     from prefect.artifacts import create_markdown_artifact
 
-    summary = ws.reports / "validate.md"
+    summary = ws.validate_summary
     if summary.is_file():
         create_markdown_artifact(summary.read_text(encoding="utf-8"), key="data-validation", description="validate")
 
@@ -127,16 +130,17 @@ def trained_version(workspace: str, data_hash: str) -> str | None:
 @task(name="gate", **IO_RETRIES)
 def gate(workspace: str, version: str) -> dict[str, Any]:
     """Challenger vs champion on the same test split; the report, not the models, comes back."""
-    from tasks.gate import per_class_rows, render_markdown, run_gate
+    from tasks.gate import run_gate
+    from tasks.registry.rules import per_class_rows, render_markdown
 
     ws = Workspace(Path(workspace))
     cfg = load_params(ws.params)
     report = run_gate(cfg, ws, version)
-    champion = read_json(ws.reports / "gate_report.json")["champion_version"]
+    champion = read_json(ws.gate_report)["champion_version"]
     return {
         "verdict": report.verdict,
         "reasons": report.reasons(),
-        "numbers": read_json(ws.reports / "gate.json"),
+        "numbers": read_json(ws.gate_metrics),
         "markdown": render_markdown(report, version, champion),
         "per_class": per_class_rows(report, cfg.classes),
     }
@@ -144,7 +148,7 @@ def gate(workspace: str, version: str) -> dict[str, Any]:
 
 @task(name="promote", **IO_RETRIES)
 def promote(workspace: str, version: str, verdict: str, reasons: str, numbers: dict[str, Any]) -> dict[str, Any]:
-    from tasks.promote import apply_verdict
+    from tasks.registry.aliases import apply_verdict
 
     ws = Workspace(Path(workspace))
     return asdict(apply_verdict(load_params(ws.params), ws, version, verdict, reasons, numbers))

@@ -18,7 +18,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
 from flows.stages import ingest, ingest_markdown
-from tasks.common import PipelineError, Workspace, WorkspaceBusy, read_json, workspace_lock, write_json
+from tasks.common.errors import PipelineError, WorkspaceBusy
+from tasks.common.files import read_json, write_json
+from tasks.common.workspace import Workspace, workspace_lock
 
 DATASET_EVENT = "dataset.updated"
 PIPELINE_LOCK = "pipeline"

@@ -1,39 +1,30 @@
 """evaluate stage: accuracy, macro-F1, per-class metrics and confusion matrices.
 
 Scored on the pipeline's own test split and, reported separately, on the fixed benchmark
-set when one is configured. Writes JSON for ``dvc metrics`` and CSV/PNG for ``dvc plots``.
+set when one is configured. Writes JSON for ``dvc metrics``, one predictions file per split
+(tasks/model/predictions.py: what the gate reads, and `dvc plots`' confusion matrices) and PNGs.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from tasks.common import PipelineError, Workspace, run_cli, write_json
-from tasks.config import PipelineConfig, load_params
-from tasks.metrics import compute_metrics
-from tasks.model import load_model, predict_logits
-from tasks.prepare import BENCHMARK
-from tasks.train import load_split, resolve_device
+from tasks.common.config import PipelineConfig, load_params
+from tasks.common.errors import PipelineError
+from tasks.common.files import write_json
+from tasks.common.metrics import compute_metrics
+from tasks.common.stage import run_cli
+from tasks.common.workspace import Workspace
+from tasks.data.prepared import BENCHMARK, load_split, read_index
+from tasks.model.network import MODEL_SPEC, load_model, predict_logits
+from tasks.model.predictions import write_predictions
+from tasks.model.trainer import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- IO
-
-
-def write_predictions(path: Path, y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> None:
-    """actual,predicted per image, in the split's stored order (dvc plots' confusion template)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows((classes[t], classes[p]) for t, p in zip(y_true, y_pred, strict=True))
 
 
 def plot_confusion(path: Path, matrix: list[list[int]], classes: tuple[str, ...], title: str) -> None:
@@ -59,7 +50,7 @@ class EvaluateResult:
 
 
 def run_evaluate(cfg: PipelineConfig, ws: Workspace) -> EvaluateResult:
-    if not (ws.models / "model.json").is_file():
+    if not (ws.models / MODEL_SPEC).is_file():
         raise PipelineError(f"no trained model in {ws.models}; run the train stage first")
     model, spec = load_model(ws.models)
     if spec.classes != cfg.classes:
@@ -67,6 +58,7 @@ def run_evaluate(cfg: PipelineConfig, ws: Workspace) -> EvaluateResult:
     device = resolve_device(cfg.train.device)
     model.to(device)
     splits = ["test"] + ([BENCHMARK] if cfg.evaluate.benchmark else [])
+    index = read_index(ws.prepared)
     headline: dict[str, dict[str, float]] = {}
     per_class: dict[str, dict] = {}
     for split in splits:
@@ -75,14 +67,14 @@ def run_evaluate(cfg: PipelineConfig, ws: Workspace) -> EvaluateResult:
             log.info("%s: no images, skipped", split)
             continue
         logits = predict_logits(model, images, cfg.evaluate.batch_size, device)
-        preds = torch.from_numpy(logits).argmax(1).numpy()
+        preds = logits.argmax(1)
         metrics = compute_metrics(labels, preds, cfg.classes)
         headline[split] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
         per_class[split] = {"per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"]}
-        write_predictions(ws.evaluation / f"confusion_{split}.csv", labels, preds, cfg.classes)
+        write_predictions(ws.predictions(split), index.get(split, []), labels, logits, cfg.classes)
         plot_confusion(ws.evaluation / f"confusion_{split}.png", metrics["confusion_matrix"], cfg.classes, split)
         log.info("%s: accuracy %.4f macro-F1 %.4f (n=%d)", split, metrics["accuracy"], metrics["macro_f1"], len(labels))
-    write_json(ws.reports / "metrics.json", headline)
+    write_json(ws.metrics, headline)
     write_json(ws.evaluation / "per_class.json", per_class)
     return EvaluateResult(headline)
 

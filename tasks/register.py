@@ -7,116 +7,22 @@ gets the ``challenger`` alias; whether it becomes ``champion`` is the gate's dec
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common import PipelineError, Workspace, read_json, run_cli
-from tasks.config import PipelineConfig, load_params
-from tasks.ingest import dvc_data_hash
+from tasks.common.config import PipelineConfig, load_params
+from tasks.common.errors import PipelineError
+from tasks.common.files import read_json
+from tasks.common.stage import run_cli
+from tasks.common.workspace import Workspace
+from tasks.data.prepared import image_shape
+from tasks.model.network import MODEL_SPEC
+from tasks.registry.lineage import check_outputs_current, collect_lineage, flatten
+from tasks.registry.tracking import CHALLENGER, default_artifact_location, mlflow_tracking, tracking_uri
 
 log = logging.getLogger(__name__)
-
-CHAMPION, CHALLENGER = "champion", "challenger"
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-
-
-# ---------------------------------------------------------------- pure cores
-
-
-def flatten(prefix: str, value: Any) -> dict[str, Any]:
-    """Nested params as MLflow keys: ``train.augment.hflip``."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, inner in value.items():
-            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
-        return out
-    if isinstance(value, list | tuple):
-        return {prefix: ",".join(str(v) for v in value)}
-    return {prefix: value}
-
-
-def params_hash(cfg: PipelineConfig) -> str:
-    canonical = json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------- IO
-
-
-def tracking_uri(ws: Workspace) -> str:
-    """MLFLOW_TRACKING_URI when set, else a SQLite file in the workspace."""
-    return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{(ws.root / 'mlflow' / 'mlflow.db').resolve()}"
-
-
-def default_artifact_location(ws: Workspace) -> str | None:
-    """Artifacts beside the workspace's SQLite store; a user-set tracking server decides its own."""
-    return None if os.environ.get(TRACKING_URI_ENV) else (ws.root / "mlflow" / "artifacts").resolve().as_uri()
-
-
-@contextmanager
-def mlflow_tracking(uri: str) -> Iterator[Any]:
-    """Point MLflow at ``uri`` for the block only: ``mlflow.set_tracking_uri`` also writes the
-    MLFLOW_TRACKING_URI variable, which would leak into the next run in this process."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    saved = {k: os.environ.get(k) for k in (TRACKING_URI_ENV, "MLFLOW_REGISTRY_URI")}
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield MlflowClient(uri, uri)
-    finally:
-        mlflow.set_tracking_uri(saved[TRACKING_URI_ENV])
-        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _git(ws: Workspace, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=ws.root, capture_output=True, text=True, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else ""
-
-
-def collect_lineage(cfg: PipelineConfig, ws: Workspace) -> dict[str, str]:
-    lock = ws.root / "dvc.lock"
-    validation = read_json(ws.reports / "validate.json")
-    dirty = _git(ws, "status", "--porcelain", "--untracked-files=no", "--", "tasks", "flows", "dvc.yaml")
-    return {
-        "git_commit": _git(ws, "rev-parse", "HEAD") or "none",
-        "git_dirty": str(bool(dirty)).lower(),
-        "dvc_data_hash": dvc_data_hash(ws.raw.with_suffix(".dvc")) or "none",
-        "dvc_lock_hash": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none",
-        "params_hash": params_hash(cfg),
-        "batch_ids": ",".join(validation["batches"]),
-        "n_images": str(validation["n_images"]),
-        "classes": json.dumps(list(cfg.classes)),
-    }
-
-
-def check_outputs_current(ws: Workspace) -> None:
-    """Refuse to register a model that dvc.lock does not vouch for (stale or hand-edited)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json"], cwd=ws.root, capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        raise PipelineError(f"dvc status failed: {proc.stderr.strip().splitlines()[-1:]}")
-    stale = json.loads(proc.stdout or "{}")
-    if stale:
-        raise PipelineError(f"pipeline outputs are not current (dvc status: {sorted(stale)}); run `dvc repro` first")
 
 
 @dataclass(frozen=True)
@@ -160,12 +66,12 @@ def _log_run(cfg: PipelineConfig, ws: Workspace, experiment_id: str, lineage: di
     import torch
     from mlflow.models import infer_signature
 
-    from tasks.model import load_model
+    from tasks.model.network import load_model
 
     model, _ = load_model(ws.models)
-    metrics = read_json(ws.reports / "metrics.json")
-    train = read_json(ws.reports / "train.json")
-    size = int(np.load(ws.prepared / "test_images.npy", mmap_mode="r").shape[1])
+    metrics = read_json(ws.metrics)
+    train = read_json(ws.train_report)
+    size = image_shape(ws.prepared)[0]
     example = np.zeros((2, size, size, 3), dtype=np.uint8)
     with torch.inference_mode():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
@@ -175,7 +81,7 @@ def _log_run(cfg: PipelineConfig, ws: Workspace, experiment_id: str, lineage: di
         mlflow.log_metrics({f"train_{k}": float(v) for k, v in train.items() if isinstance(v, int | float)})
         mlflow.set_tags(lineage)
         mlflow.log_artifacts(str(ws.evaluation), "evaluation")
-        for path in (ws.reports / "train_history.csv", ws.reports / "validate.json", ws.params, ws.root / "dvc.lock"):
+        for path in (ws.train_history, ws.validate_report, ws.params, ws.dvc_lock):
             if path.is_file():
                 mlflow.log_artifact(str(path), "pipeline")
         info = mlflow.pytorch.log_model(
@@ -197,7 +103,7 @@ def _requirements() -> list[str]:
 
 
 def run_register(cfg: PipelineConfig, ws: Workspace) -> RegisterResult:
-    for needed in (ws.models / "model.json", ws.reports / "metrics.json", ws.reports / "validate.json"):
+    for needed in (ws.models / MODEL_SPEC, ws.metrics, ws.validate_report):
         if not needed.is_file():
             raise PipelineError(f"missing {needed.relative_to(ws.root)}; run the pipeline (dvc repro) first")
     check_outputs_current(ws)

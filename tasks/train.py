@@ -1,143 +1,54 @@
 """train stage: fine-tune a pretrained timm backbone with a new head on the prepared arrays.
 
-Batches are sliced straight from the memory-mapped uint8 arrays that prepare wrote, and
-resizing, normalisation and augmentation run as tensor ops on the training device (no
-per-sample PIL work, no DataLoader workers). A checkpoint is written after every epoch and
-a crashed run resumes from it when its inputs are unchanged.
-
-With ``feature_cache`` the frozen front of the backbone runs once per image (ever, not per
-epoch or per run: see tasks/feature_cache.py) and the epochs train only the rest on the
-cached output. With ``warm_start`` a re-fine-tune starts from the previous model.
+The loop lives in tasks/model/trainer.py, model building in tasks/model/network.py and the
+feature cache in tasks/model/features.py; this module reads the prepared splits, builds the
+model, trains it and writes the model and its reports.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
-import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from tasks.common import PipelineError, Workspace, run_cli, write_json
-from tasks.config import PipelineConfig, TrainConfig, load_params
-from tasks.feature_cache import FeatureStore, FeatureView, cache_key, compute_features, ensure_features
-from tasks.model import (
+from tasks.common.config import PipelineConfig, TrainConfig, load_params
+from tasks.common.errors import PipelineError
+from tasks.common.files import write_json
+from tasks.common.stage import run_cli
+from tasks.common.workspace import Workspace
+from tasks.data.prepared import INDEX_FILE, images_path, load_split, read_split_hashes
+from tasks.model.network import (
+    MODEL_WEIGHTS,
     ImageClassifier,
     ModelError,
     ModelSpec,
     Preprocessing,
     build_model,
     check_same_task,
-    freeze_batchnorm_stats,
-    head_parameter_names,
-    predict_logits,
     read_saved_model,
     save_model,
-    set_trainable,
-    split_backbone,
+)
+from tasks.model.trainer import (
+    HISTORY_COLUMNS,
+    EpochStats,
+    Inputs,
+    LiveInputs,
+    SplitData,
+    Trainer,
+    cached_inputs,
+    effective_config,
+    input_fingerprint,
+    resolve_device,
+    uses_feature_cache,
 )
 
 log = logging.getLogger(__name__)
-
-HISTORY_COLUMNS = ("epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s")
-#: Seconds between progress lines inside an epoch.
-PROGRESS_EVERY_S = 10.0
-
-
-# ---------------------------------------------------------------- pure cores
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def phase_for_epoch(epoch: int, cfg: TrainConfig) -> str:
-    """``head`` during warm-up epochs, then the configured strategy."""
-    return "head" if epoch < cfg.head_warmup_epochs and cfg.strategy != "feature_extraction" else cfg.strategy
-
-
-def scaled_lr(cfg: TrainConfig) -> float:
-    """``lr`` for ``batch_size``, given that it was tuned at ``base_batch_size``.
-
-    linear: the usual rule for SGD (Goyal et al. 2017); sqrt: gentler, often better for Adam-type optimizers.
-    """
-    ratio = cfg.batch_size / cfg.base_batch_size
-    return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
-
-
-def effective_config(cfg: TrainConfig) -> TrainConfig:
-    """The schedule a run follows: a warm start runs ``warm_start_epochs`` at ``lr * warm_start_lr_mult``
-    and no head warm-up (its head is already trained)."""
-    if cfg.warm_start is None:
-        return cfg
-    update = {"epochs": cfg.warm_start_epochs, "head_warmup_epochs": 0, "lr": cfg.lr * cfg.warm_start_lr_mult}
-    return cfg.model_copy(update=update)
-
-
-def uses_feature_cache(cfg: TrainConfig) -> bool:
-    """The cache needs a frozen front: not for ``fine_tune`` nor ``partial`` with nothing frozen."""
-    if not cfg.feature_cache:
-        return False
-    return cfg.strategy == "feature_extraction" or (cfg.strategy == "partial" and cfg.frozen_stages > 0)
-
-
-def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and translation, per sample, in one affine resampling."""
-    n, _, h, w = images.shape
-    if not cfg.augment.hflip and cfg.augment.translate == 0:
-        return images
-    flip = torch.ones(n)
-    if cfg.augment.hflip:
-        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 * cfg.augment.translate / torch.tensor([w, h]))
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1] = flip, 1.0
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def input_fingerprint(cfg: PipelineConfig, data_digest: str) -> str:
-    """What a checkpoint is valid for: the train params, the label set and the data."""
-    payload = json.dumps({"train": cfg.train.model_dump(), "classes": cfg.classes, "data": data_digest}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- the loop
-
-
-@dataclass
-class EpochStats:
-    epoch: int
-    phase: str
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    images_per_s: float
 
 
 @dataclass(frozen=True)
@@ -152,220 +63,6 @@ class TrainResult:
     features_computed: int = 0
     #: Seconds spent computing cached features, included in train_seconds.
     feature_seconds: float = 0.0
-
-
-def make_optimizer(model: ImageClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
-    head = {f"backbone.{n}" for n in head_parameter_names(model.backbone)}
-    head_params, body_params = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (head_params if name in head else body_params).append(param)
-    lr = scaled_lr(cfg)
-    groups = [{"params": head_params, "lr": lr, "base_lr": lr}]
-    if body_params:
-        body_lr = lr * cfg.backbone_lr_mult
-        groups.append({"params": body_params, "lr": body_lr, "base_lr": body_lr})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-
-class LiveInputs:
-    """uint8 images through preprocessing, augmentation and the whole backbone at every step."""
-
-    def __init__(self, model: ImageClassifier, images: np.ndarray) -> None:
-        self.model, self.images = model, images
-        #: What the training step calls; the Trainer may swap in a torch.compile wrapper.
-        self.forward: Callable[[torch.Tensor], torch.Tensor] = model.backbone
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def train_logits(
-        self, idx: np.ndarray, cfg: TrainConfig, generator: torch.Generator, device: torch.device
-    ) -> torch.Tensor:
-        x = torch.from_numpy(self.images[idx]).to(device, non_blocking=True)
-        inputs = augment(self.model.preprocess(x), cfg, generator)
-        return self.forward(inputs.contiguous(memory_format=torch.channels_last))
-
-    def predict(self, batch_size: int, device: torch.device) -> np.ndarray:
-        return predict_logits(self.model, self.images, batch_size, device)
-
-
-class CachedInputs:
-    """Cached output of the frozen front through the trainable rest only.
-
-    hflip picks, per sample, the cached features of the mirrored image, which is what the live
-    path computes for a flipped sample. Random translation has no equivalent here.
-    """
-
-    def __init__(self, rest: nn.Module, features: FeatureView, mirrored: FeatureView | None = None) -> None:
-        self.rest, self.features, self.mirrored = rest, features, mirrored
-        self.forward: Callable[[torch.Tensor], torch.Tensor] = rest
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def _to_device(self, features: np.ndarray, device: torch.device) -> torch.Tensor:
-        x = torch.from_numpy(features).to(device, non_blocking=True).float()
-        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-    def train_logits(
-        self, idx: np.ndarray, cfg: TrainConfig, generator: torch.Generator, device: torch.device
-    ) -> torch.Tensor:
-        features = self.features[idx]
-        if cfg.augment.hflip and self.mirrored is not None:
-            flip = (torch.rand(len(idx), generator=generator) < 0.5).numpy()
-            features[flip] = self.mirrored[idx[flip]]
-        return self.forward(self._to_device(features, device))
-
-    @torch.inference_mode()
-    def predict(self, batch_size: int, device: torch.device) -> np.ndarray:
-        self.rest.eval()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        out = []
-        for start in range(0, len(self), batch_size):
-            batch = self.features[np.arange(start, min(start + batch_size, len(self)))]
-            with autocast:
-                out.append(self.rest(self._to_device(batch, device)).float().cpu())
-        return torch.cat(out).numpy()
-
-
-Inputs = LiveInputs | CachedInputs
-
-
-def evaluate_split(inputs: Inputs, labels: np.ndarray, batch_size: int, device: torch.device) -> tuple[float, float]:
-    if len(labels) == 0:
-        return float("nan"), float("nan")
-    logits = torch.from_numpy(inputs.predict(batch_size, device))
-    target = torch.from_numpy(labels)
-    return float(F.cross_entropy(logits, target)), float((logits.argmax(1) == target).float().mean())
-
-
-class Trainer:
-    """Runs epochs over uint8 arrays; owns the model, optimizer and checkpointing."""
-
-    def __init__(self, model: ImageClassifier, cfg: TrainConfig, device: torch.device, checkpoint: Path | None):
-        self.model, self.cfg, self.device, self.checkpoint = model, cfg, device, checkpoint
-        self.history: list[EpochStats] = []
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.phase: str | None = None
-        self.trainable = 0
-        self.model.to(device)
-        if device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
-
-    def _enter_phase(self, phase: str) -> None:
-        if phase == self.phase:
-            return
-        self.trainable = set_trainable(
-            self.model.backbone, self.cfg.strategy, self.cfg.frozen_stages, head_only=phase == "head"
-        )
-        self.optimizer = make_optimizer(self.model, self.cfg)
-        self.phase = phase
-        log.info("phase %s: %s trainable parameters", phase, f"{self.trainable:,}")
-
-    def _resume(self) -> int:
-        if self.checkpoint is None or not self.checkpoint.is_file():
-            return 0
-        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        self._enter_phase(state["phase"])
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.history = [EpochStats(**row) for row in state["history"]]
-        log.info("resumed from %s after epoch %d", self.checkpoint, state["epoch"] + 1)
-        return state["epoch"] + 1
-
-    def _save_checkpoint(self, epoch: int) -> None:
-        if self.checkpoint is None:
-            return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_suffix(".tmp")
-        state = {
-            "epoch": epoch,
-            "phase": self.phase,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "history": [asdict(h) for h in self.history],
-        }
-        torch.save(state, tmp)
-        tmp.replace(self.checkpoint)
-
-    def _inputs(self, data: np.ndarray | Inputs) -> Inputs:
-        return LiveInputs(self.model, data) if isinstance(data, np.ndarray) else data
-
-    def fit(
-        self, train: tuple[np.ndarray | Inputs, np.ndarray], val: tuple[np.ndarray | Inputs, np.ndarray]
-    ) -> list[EpochStats]:
-        """Train on uint8 image arrays (or prepared inputs, e.g. cached features) with their labels."""
-        images, labels = self._inputs(train[0]), train[1]
-        val_inputs = self._inputs(val[0])
-        if self.cfg.compile:
-            # Compile the callable the step uses, not self.model: state_dict keys stay unprefixed.
-            images.forward = torch.compile(images.forward)
-        cfg = self.cfg
-        steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
-        total_steps = steps_per_epoch * cfg.epochs
-        warmup = min(total_steps // 10, 200)
-        for epoch in range(self._resume(), cfg.epochs):
-            self._enter_phase(phase_for_epoch(epoch, cfg))
-            stats = self._run_epoch(epoch, images, labels, steps_per_epoch, total_steps, warmup)
-            stats.val_loss, stats.val_accuracy = evaluate_split(val_inputs, val[1], cfg.batch_size * 2, self.device)
-            self.history.append(stats)
-            log.info(
-                "epoch %d/%d done: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
-                epoch + 1, cfg.epochs, stats.train_loss, stats.train_accuracy,
-                stats.val_loss, stats.val_accuracy, stats.images_per_s,
-            )  # fmt: skip
-            self._save_checkpoint(epoch)
-        return self.history
-
-    def _run_epoch(
-        self, epoch: int, images: Inputs, labels: np.ndarray, steps: int, total: int, warmup: int
-    ) -> EpochStats:
-        cfg, model, device = self.cfg, self.model, self.device
-        torch.manual_seed(cfg.seed + epoch)  # dropout and augmentation repeat exactly on resume
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)
-        order = torch.randperm(len(labels), generator=generator).numpy()
-        model.train()
-        freeze_batchnorm_stats(model.backbone)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        loss_sum, correct, seen = 0.0, 0, 0
-        started = last_report = time.monotonic()
-        for step in range(steps):
-            # Sorted indices read the memmap sequentially; the batch is still a random sample.
-            idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
-            y = torch.from_numpy(labels[idx]).to(device, non_blocking=True)
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(epoch * steps + step, total, warmup)
-            with autocast:
-                logits = images.train_logits(idx, cfg, generator, device)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            now = time.monotonic()
-            if now - last_report >= PROGRESS_EVERY_S and step + 1 < steps:
-                last_report = now
-                rate = seen / (now - started)
-                log.info(
-                    "epoch %d/%d [%d/%d] loss %.4f acc %.4f %.0f img/s eta %.0fs",
-                    epoch + 1, cfg.epochs, step + 1, steps, loss_sum / seen, correct / seen,
-                    rate, (len(labels) - seen) / rate,
-                )  # fmt: skip
-        elapsed = time.monotonic() - started
-        return EpochStats(epoch + 1, self.phase, loss_sum / seen, correct / seen, 0.0, 0.0, seen / elapsed)
-
-
-# ---------------------------------------------------------------- IO
-
-
-def load_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images_path = prepared / f"{split}_images.npy"
-    if not images_path.is_file():
-        raise PipelineError(f"missing {images_path}; run the prepare stage first")
-    return np.load(images_path, mmap_mode="r"), np.load(prepared / f"{split}_labels.npy")
 
 
 def write_history(path: Path, history: list[EpochStats]) -> None:
@@ -406,63 +103,6 @@ def build_classifier(cfg: PipelineConfig, root: Path = Path()) -> tuple[ImageCla
     return ImageClassifier(backbone, spec), spec
 
 
-def read_split_hashes(prepared: Path) -> dict[str, list[str]]:
-    """Image sha256s per split, in the row order of the split arrays (prepare writes both in one pass)."""
-    hashes: dict[str, list[str]] = {}
-    with (prepared / "index.csv").open(newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            hashes.setdefault(row["split"], []).append(row["sha256"])
-    return hashes
-
-
-@dataclass(frozen=True)
-class SplitData:
-    images: np.ndarray
-    labels: np.ndarray
-    hashes: list[str]
-
-
-def cached_inputs(
-    model: ImageClassifier, cfg: TrainConfig, cache_root: Path, splits: dict[str, SplitData], device: torch.device
-) -> tuple[dict[str, CachedInputs], int]:
-    """Cached-feature inputs per split and how many feature rows had to be computed now.
-
-    The train split also gets the mirrored images' features when hflip is on.
-    """
-    try:
-        front, rest, cut = split_backbone(model.backbone, cfg.strategy, cfg.frozen_stages)
-    except ModelError as exc:
-        raise PipelineError(f"train.feature_cache: {exc}") from None
-    if cfg.augment.translate:
-        log.warning("feature_cache: augment.translate=%d is ignored (no translation of cached features)",
-                    cfg.augment.translate)  # fmt: skip
-    views: dict[tuple[str, bool], FeatureView] = {}
-    computed = 0
-    stored_shape = next(iter(splits.values())).images.shape[1:]
-    for mirrored in (False, True) if cfg.augment.hflip else (False,):
-        store = FeatureStore(cache_root / cache_key(front, model_preprocessing(model), cut, stored_shape, mirrored))
-        compute = partial(
-            compute_features, front, model.preprocess, mirrored=mirrored, batch_size=cfg.batch_size * 2, device=device
-        )
-        for name, split in splits.items():
-            if mirrored and name != "train":
-                continue
-            computed += ensure_features(store, split.hashes, split.images, compute)
-            views[name, mirrored] = store.view(split.hashes)
-    inputs = {name: CachedInputs(rest, views[name, False], views.get((name, True))) for name in splits}
-    return inputs, computed
-
-
-def model_preprocessing(model: ImageClassifier) -> Preprocessing:
-    """The preprocessing ``model`` applies, read back from its buffers."""
-    return Preprocessing(
-        mean=tuple(float(v) / 255.0 for v in model.mean.flatten().tolist()),
-        std=tuple(float(v) / 255.0 for v in model.std.flatten().tolist()),
-        input_size=model.input_size,
-        interpolation=model.interpolation,
-    )
-
-
 def load_splits(prepared: Path, with_hashes: bool) -> dict[str, SplitData]:
     splits = {}
     hashes = read_split_hashes(prepared) if with_hashes else {}
@@ -471,8 +111,8 @@ def load_splits(prepared: Path, with_hashes: bool) -> dict[str, SplitData]:
         split_hashes = hashes.get(name, [])
         if with_hashes and len(split_hashes) != len(labels):
             raise PipelineError(
-                f"{prepared / 'index.csv'} lists {len(split_hashes)} {name} images, {name}_images.npy has "
-                f"{len(labels)}; run the prepare stage again"
+                f"{prepared / INDEX_FILE} lists {len(split_hashes)} {name} images, "
+                f"{images_path(prepared, name).name} has {len(labels)}; run the prepare stage again"
             )
         splits[name] = SplitData(images, labels, split_hashes)
     return splits
@@ -482,7 +122,7 @@ def training_inputs(
     model: ImageClassifier, cfg: TrainConfig, ws: Workspace, splits: dict[str, SplitData], device: torch.device
 ) -> tuple[dict[str, Inputs], int]:
     if uses_feature_cache(cfg):
-        return cached_inputs(model, cfg, ws.cache / "features", splits, device)
+        return cached_inputs(model, cfg, ws.features, splits, device)
     if cfg.feature_cache:
         log.warning("feature_cache ignored: strategy %r with frozen_stages=%d freezes nothing",
                     cfg.strategy, cfg.frozen_stages)  # fmt: skip
@@ -509,10 +149,10 @@ def run_train(cfg: PipelineConfig, ws: Workspace) -> TrainResult:
         tcfg.strategy, device, len(splits["train"].labels), len(splits["val"].labels),
         spec.preprocessing.input_size, tcfg.epochs,
     )  # fmt: skip
-    digest = file_digest(ws.prepared / "index.csv")
+    digest = file_digest(ws.prepared / INDEX_FILE)
     if tcfg.warm_start:  # same path, new champion: a checkpoint of the old one must not resume
-        digest += file_digest(ws.root / tcfg.warm_start / "model.safetensors")
-    checkpoint = ws.cache / "train" / input_fingerprint(cfg, digest) / "checkpoint.pt"
+        digest += file_digest(ws.root / tcfg.warm_start / MODEL_WEIGHTS)
+    checkpoint = ws.checkpoints / input_fingerprint(cfg, digest) / "checkpoint.pt"
     trainer = Trainer(model, tcfg, device, checkpoint)
     started = time.monotonic()
     inputs, computed = training_inputs(model, tcfg, ws, splits, device)
@@ -522,18 +162,20 @@ def run_train(cfg: PipelineConfig, ws: Workspace) -> TrainResult:
     model.cpu()
     save_model(model, spec, ws.models)
     write_json(ws.models / "train_config.json", {"train": cfg.train.model_dump(), "classes": list(cfg.classes)})
-    write_history(ws.reports / "train_history.csv", history)
+    write_history(ws.train_history, history)
     result = TrainResult(
         epochs=len(history),
         val_accuracy=history[-1].val_accuracy,
         train_seconds=seconds,
-        images_per_s=float(np.mean([h.images_per_s for h in history])),
+        # Every image seen over the time it took (feature computing included), not a mean of
+        # per-epoch rates, which a fast cached epoch would inflate.
+        images_per_s=trainer.epochs_run * len(splits["train"].labels) / seconds,
         trainable_params=trainer.trainable,
         device=str(device),
         features_computed=computed,
         feature_seconds=feature_seconds,
     )
-    write_json(ws.reports / "train.json", asdict(result))
+    write_json(ws.train_report, asdict(result))
     shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return result
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.common import Workspace
-from tasks.config import load_params
+from tasks.common.config import load_params
+from tasks.common.workspace import Workspace
 from tests.helpers import TINY_CLASSES, make_workspace, registry_client, tiny_params, write_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -60,7 +60,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict:
         steps["better"] = retrain(workspace=str(ws))
         set_train(ws, **BROKEN)
         steps["worse"] = retrain(workspace=str(ws))
-        from tasks.promote import read_audit, rollback
+        from tasks.registry.aliases import read_audit, rollback
 
         steps["rollback"] = rollback(load_params(ws / "params.yaml"), Workspace(ws), "worse on customer data")
         steps["audit"] = read_audit(Workspace(ws))

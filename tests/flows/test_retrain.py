@@ -83,8 +83,8 @@ def test_dvc_lock_written_and_second_repro_does_nothing(trained: dict) -> None:
 
 
 def test_champion_reloads_and_predicts_like_trained_model(trained: dict) -> None:
-    from tasks.model import load_model, predict_logits
-    from tasks.register import mlflow_tracking
+    from tasks.model.network import load_model, predict_logits
+    from tasks.registry.tracking import mlflow_tracking
 
     ws = trained["ws"]
     with mlflow_tracking(store_uri(ws)):
@@ -140,7 +140,7 @@ def registry_state(ws: Path) -> tuple[list[str], dict[str, str]]:
 def failed_flow_message(ws: Path) -> str:
     from flows.retrain import retrain
     from flows.stages import StageFailed
-    from tasks.common import PipelineError
+    from tasks.common.errors import PipelineError
 
     with pytest.raises((PipelineError, StageFailed)) as info:
         retrain(workspace=str(ws))

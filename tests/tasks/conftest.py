@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.common import Workspace
-from tasks.config import PipelineConfig, parse_params
+from tasks.common.config import PipelineConfig, parse_params
+from tasks.common.workspace import Workspace
 
 
 @pytest.fixture

@@ -24,10 +24,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.common import PipelineError, Workspace, read_json
-from tasks.config import load_params
+from tasks.common.config import load_params
+from tasks.common.errors import PipelineError
+from tasks.common.files import read_json
+from tasks.common.workspace import Workspace
+from tasks.data.manifest import MANIFEST_NAME, read_all_manifests
 from tasks.ingest import IngestResult, run_ingest
-from tasks.validate import MANIFEST_NAME, read_all_manifests, run_validate
+from tasks.validate import run_validate
 from tests.helpers import TINY_CLASSES, make_images, make_workspace, tiny_params
 
 pytestmark = pytest.mark.integration

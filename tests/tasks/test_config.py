@@ -6,9 +6,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tasks.common import DVC_STAGES, PipelineError
-from tasks.config import PipelineConfig, load_params, parse_params
-from tasks.fashion_mnist import CLASSES as FASHION_CLASSES
+from tasks.common.config import PipelineConfig, load_params, parse_params
+from tasks.common.errors import PipelineError
+from tasks.common.stage import DVC_STAGES
+from tasks.data.fashion_mnist import CLASSES as FASHION_CLASSES
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.evaluate import write_predictions
-from tasks.metrics import compute_metrics
+from tasks.common.metrics import compute_metrics
+from tasks.common.errors import PipelineError
+from tasks.model.predictions import read_predictions, write_predictions
 
 CLASSES = ("a", "b", "c", "d")
 # d never occurs: neither as a true label nor as a prediction.
@@ -74,12 +75,26 @@ def test_metrics_are_plain_json_values(metrics: dict) -> None:
     assert type(metrics["per_class"]["a"]["support"]) is int
 
 
-def test_write_predictions_names_the_classes(tmp_path: Path) -> None:
-    path = tmp_path / "eval" / "confusion_test.csv"
+def test_predictions_file_round_trips_with_ids_and_probabilities(tmp_path: Path) -> None:
+    path = tmp_path / "eval" / "predictions_test.csv"
+    ids = [{"sha256": f"{i:064x}", "batch_id": "b1", "path": f"images/{i}.png"} for i in range(len(Y_TRUE))]
+    logits = np.eye(len(CLASSES))[Y_PRED] * 4.0  # the predicted class gets the largest logit
 
-    write_predictions(path, Y_TRUE, Y_PRED, CLASSES)
+    write_predictions(path, ids, Y_TRUE, logits, CLASSES)
+    got = read_predictions(path, CLASSES)
 
     with path.open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    assert rows[0] == ["actual", "predicted"]
-    assert rows[1:] == [[CLASSES[t], CLASSES[p]] for t, p in zip(Y_TRUE, Y_PRED, strict=True)]
+        header = next(csv.reader(fh))
+    assert header == ["sha256", "batch_id", "path", "actual", "predicted", "confidence", "p:a", "p:b", "p:c", "p:d"]
+    assert got.ids == ids
+    np.testing.assert_array_equal(got.y_true, Y_TRUE)
+    np.testing.assert_array_equal(got.y_pred, Y_PRED)
+    np.testing.assert_allclose(got.probabilities.sum(1), 1.0, atol=1e-5)
+    assert (got.probabilities.argmax(1) == Y_PRED).all()
+
+
+def test_predictions_for_another_label_set_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "predictions_test.csv"
+    write_predictions(path, [{"sha256": "x", "batch_id": "b", "path": "p"}], np.array([0]), np.zeros((1, 4)), CLASSES)
+    with pytest.raises(PipelineError, match=r"has classes \['a', 'b', 'c', 'd'\], expected \['a', 'b'\]"):
+        read_predictions(path, ("a", "b"))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.common import PipelineError
-from tasks.fashion_mnist import (
+from tasks.common.errors import PipelineError
+from tasks.data.fashion_mnist import (
     CLASSES,
     FILES,
     batch_ranges,
@@ -18,7 +18,7 @@ from tasks.fashion_mnist import (
     parse_idx,
     write_labeled_dir,
 )
-from tasks.ingest import LabeledFile, read_batch
+from tasks.data.landing import LabeledFile, read_batch
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.feature_cache import FeatureStore, cache_key, compute_features, ensure_features
-from tasks.model import Preprocessing, build_model, split_backbone
+from tasks.model.features import FeatureStore, cache_key, compute_features, ensure_features
+from tasks.model.network import Preprocessing, build_model, split_backbone
 
 PRE = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 32, "bicubic")
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from tasks.config import GateConfig
-from tasks.gate import (
+from tasks.common.config import GateConfig
+from tasks.common.metrics import compute_metrics
+from tasks.registry.rules import (
     GateReport,
     evaluate_gate,
     mcnemar_test,
@@ -17,7 +18,6 @@ from tasks.gate import (
     per_class_rows,
     render_markdown,
 )
-from tasks.metrics import compute_metrics
 
 AB = ("a", "b")
 ABC = ("a", "b", "c")

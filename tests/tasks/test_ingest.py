@@ -13,14 +13,13 @@ import yaml
 from PIL import Image
 
 from tasks import ingest
-from tasks.common import PipelineError, Workspace, read_json, sha256_file
-from tasks.config import PipelineConfig
-from tasks.ingest import (
-    BATCH_INFO,
+from tasks.common.config import PipelineConfig
+from tasks.common.errors import PipelineError
+from tasks.common.files import read_json, sha256_file
+from tasks.common.workspace import Workspace
+from tasks.data.landing import (
     BatchRejected,
-    KnownImage,
     LabeledFile,
-    check_batch,
     content_hash,
     hash_batch,
     ingested_batches,
@@ -29,9 +28,11 @@ from tasks.ingest import (
     plan_batches,
     read_batch,
     resolve_inside,
-    run_ingest,
 )
-from tasks.validate import MANIFEST_NAME, RowProblem
+from tasks.data.manifest import BATCH_INFO, MANIFEST_NAME
+from tasks.data.rows import RowProblem
+from tasks.data.screening import KnownImage, check_batch
+from tasks.ingest import run_ingest
 
 EXTS = (".png", ".jpg", ".jpeg")
 
@@ -571,7 +572,7 @@ def test_run_ingest_quarantines_rows_relabelling_ingested_images(
 
 
 def test_file_hash_cache_rehashes_only_changed_files(tmp_path: Path, write_png: Callable[..., Path]) -> None:
-    from tasks.common import FileHashCache
+    from tasks.common.files import FileHashCache
 
     image = write_png(tmp_path / "x.png", seed=1)
     cache = FileHashCache(tmp_path / "cache.json")

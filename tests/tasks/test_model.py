@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tasks.model import (
+from tasks.model.network import (
     MODEL_SPEC,
     MODEL_WEIGHTS,
     ImageClassifier,

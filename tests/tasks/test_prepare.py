@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.common import PipelineError, Workspace, read_json, sha256_file
-from tasks.config import PipelineConfig, PrepareConfig
-from tasks.prepare import SPLITS, assign_split, benchmark_rows, decode_image, run_prepare, split_rows
-from tasks.validate import MANIFEST_COLUMNS, MANIFEST_NAME
+from tasks.common.config import PipelineConfig, PrepareConfig
+from tasks.common.errors import PipelineError
+from tasks.common.files import read_json, sha256_file
+from tasks.common.workspace import Workspace
+from tasks.data.benchmark import benchmark_rows
+from tasks.data.images import decode_image
+from tasks.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME
+from tasks.data.splits import SPLITS, assign_split, split_rows
+from tasks.prepare import run_prepare
 
 
 def random_hashes(n: int, seed: int = 0) -> list[str]:
@@ -191,7 +196,10 @@ def test_run_prepare_writes_arrays_an_index_and_a_summary(
     assert result.counts["benchmark"] == 1
     with (ws.prepared / "index.csv").open(newline="", encoding="utf-8") as fh:
         index = list(csv.DictReader(fh))
-    assert len(index) == 24
+    bench = [r for r in index if r["split"] == "benchmark"]
+    assert len(index) == 24 + 1
+    assert bench == [{"sha256": sha256_file(ws.benchmark / "b" / "x.png"), "split": "benchmark", "label": "b",
+                      "batch_id": "benchmark", "path": "b/x.png"}]  # fmt: skip
     label_of = {row[3]: row[2] for row in manifest}
     for split in SPLITS:
         images = np.load(ws.prepared / f"{split}_images.npy")

@@ -4,8 +4,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tasks.config import PipelineConfig, parse_params
-from tasks.register import flatten, params_hash
+from tasks.common.config import PipelineConfig, parse_params
+from tasks.registry.lineage import flatten, params_hash
 
 
 def test_flatten_joins_nested_keys_with_dots() -> None:

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.common import PipelineError, Workspace, read_json
-from tasks.config import AugmentConfig, PipelineConfig, TrainConfig
-from tasks.model import (
+from tasks.common.config import AugmentConfig, PipelineConfig, TrainConfig
+from tasks.common.errors import PipelineError
+from tasks.common.files import read_json
+from tasks.common.workspace import Workspace
+from tasks.model.network import (
     ImageClassifier,
     ModelSpec,
     Preprocessing,
@@ -22,7 +24,7 @@ from tasks.model import (
     save_model,
     set_trainable,
 )
-from tasks.train import (
+from tasks.model.trainer import (
     HISTORY_COLUMNS,
     LiveInputs,
     SplitData,
@@ -31,15 +33,14 @@ from tasks.train import (
     cached_inputs,
     effective_config,
     input_fingerprint,
-    load_split,
     lr_factor,
     make_optimizer,
     phase_for_epoch,
     resolve_device,
-    run_train,
     scaled_lr,
     uses_feature_cache,
 )
+from tasks.train import load_split, run_train
 
 LITE0 = "tf_efficientnet_lite0"
 CPU = torch.device("cpu")

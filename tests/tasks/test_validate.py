@@ -13,22 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.common import PipelineError, Workspace, read_json, sha256_file
-from tasks.config import PipelineConfig, ValidateConfig
-from tasks.expectations import GX_DIR, SUITE, open_context, suite_expectations
-from tasks.validate import (
-    MANIFEST_COLUMNS,
-    MANIFEST_NAME,
-    RowProblem,
-    batch_drifts,
-    build_table,
-    check_image,
-    label_drift,
-    normalise_label,
-    read_all_manifests,
-    render_summary,
-    run_validate,
-)
+from tasks.common.config import PipelineConfig, ValidateConfig
+from tasks.common.errors import PipelineError
+from tasks.common.files import read_json, sha256_file
+from tasks.common.workspace import Workspace
+from tasks.data.expectations import GX_DIR, SUITE, open_context, suite_expectations
+from tasks.data.images import check_image
+from tasks.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, read_all_manifests
+from tasks.data.rows import RowProblem, normalise_label
+from tasks.data.validation import batch_drifts, build_table, label_drift, render_summary
+from tasks.validate import run_validate
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = ValidateConfig()
@@ -354,5 +348,5 @@ def test_run_validate_without_a_gx_project(
     ws = Workspace(tmp_path)
     write_raw_batch(ws.raw, "b1", balanced(4), write_png)
 
-    with pytest.raises(PipelineError, match=r"no Great Expectations project .*`python -m tasks.expectations`"):
+    with pytest.raises(PipelineError, match=r"no Great Expectations project .*`python -m tasks.data.expectations`"):
         run_validate(make_cfg(), ws)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.model import Preprocessing, state_digest
+from tasks.model.network import Preprocessing, state_digest
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.common import PipelineError
+from tasks.common.errors import PipelineError
 
 
 class _Strict(BaseModel):

@@ -4,7 +4,7 @@ The suite, the validation definition and the checkpoint live in ``gx/`` (a GX 1.
 context) and are committed, so a reviewer reads the rules in the repository. Thresholds are
 not in the suite: every one is a ``$PARAMETER`` filled from params.yaml at run time, so the
 suite file only changes when a rule does. This module is the single place the suite is
-written from (``python -m tasks.expectations`` regenerates ``gx/``; a test checks the
+written from (``python -m tasks.data.expectations`` regenerates ``gx/``; a test checks the
 committed files match) and the code that runs the checkpoint.
 
 Importing great_expectations takes seconds, so nothing here imports it at module level.
@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.common import PipelineError
+from tasks.common.errors import PipelineError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from tasks.config import PipelineConfig
+    from tasks.common.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def open_context(root: Path) -> Any:
 
     if not (root / GX_DIR / "great_expectations.yml").is_file():
         raise PipelineError(
-            f"no Great Expectations project in {root / GX_DIR}; create it with `python -m tasks.expectations`"
+            f"no Great Expectations project in {root / GX_DIR}; create it with `python -m tasks.data.expectations`"
         )
     return gx.get_context(mode="file", project_root_dir=str(root))
 

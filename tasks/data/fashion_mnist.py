@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.common import PipelineError
+from tasks.common.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ FILES = {
 }
 HOW_TO_GET = (
     "Fashion-MNIST not found. As root: `apt-get install dataset-fashion-mnist` (installs it under "
-    f"{DEBIAN_DIR}); or, with internet, run `uv run python -m tasks.fashion_mnist --download`."
+    f"{DEBIAN_DIR}); or, with internet, run `uv run python -m tasks.data.fashion_mnist --download`."
 )
 
 

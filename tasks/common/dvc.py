@@ -1,0 +1,27 @@
+"""DVC from Python: run a command, read a tracked directory's hash."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tasks.common.errors import PipelineError
+
+
+def run_dvc(args: list[str], cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise PipelineError(f"dvc {' '.join(args)} failed: {detail[-1] if detail else proc.returncode}")
+    return proc.stdout
+
+
+def dvc_data_hash(dvc_file: Path) -> str | None:
+    """The md5 DVC recorded for a tracked directory (None when it is not tracked yet)."""
+    if not dvc_file.is_file():
+        return None
+    outs = yaml.safe_load(dvc_file.read_text(encoding="utf-8")).get("outs") or [{}]
+    return outs[0].get("md5")

@@ -1,0 +1,74 @@
+"""Hashing and atomic JSON files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FileHashCache:
+    """sha256 of files, re-computed only when a file's size, mtime or inode changed (the
+    same test git and DVC use), so a watch tick over an unchanged landing zone is cheap.
+    With no ``path`` it lives in memory only."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._entries: dict[str, list] = {}
+        self._seen: dict[str, list] = {}
+        if path is not None and path.is_file():
+            try:
+                self._entries = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                log.warning("ignoring unreadable hash cache %s", path)
+
+    def sha256(self, file: Path) -> str:
+        stat = file.stat()
+        key, stamp = str(file), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        entry = self._entries.get(key)
+        digest = entry[3] if entry and entry[:3] == stamp else sha256_file(file)
+        self._seen[key] = [*stamp, digest]
+        return digest
+
+    def save(self) -> None:
+        """Keep only the files looked at this time, so the cache never outgrows the landing zone."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self._seen), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def sha256_lines(lines: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically so a crash never leaves a half-written report behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))

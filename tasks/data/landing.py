@@ -1,0 +1,188 @@
+"""The landing zone: batch names, reading a batch (labels.csv or class folders), paths confined to
+the batch, content hashes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.common.config import PipelineConfig
+from tasks.common.errors import PipelineError
+from tasks.common.files import FileHashCache, read_json, sha256_lines
+from tasks.data.manifest import BATCH_INFO, REJECTED_INFO
+from tasks.data.rows import BAD_FILENAME, MISSING_FILE, PATH_OUTSIDE_BATCH, RowProblem
+
+LABELS_FILE = "labels.csv"
+
+BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class LabeledFile:
+    path: str  # relative to the batch directory, POSIX separators
+    label: str
+
+
+def is_candidate_batch(name: str) -> bool:
+    return not name.startswith((".", "_"))
+
+
+def content_hash(rows: list[tuple[str, str, str]]) -> str:
+    """Hash of a batch's (path, label, sha256) rows, independent of listing order."""
+    return sha256_lines("\t".join(row) for row in sorted(rows))
+
+
+def plan_batches(landing: dict[str, str], ingested: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Split landing batches (name -> content hash) into (to ingest, already ingested).
+
+    Raises when a batch name was ingested before with other content: landing batches are
+    immutable, a corrected batch must come under a new name.
+    """
+    known_hashes = set(ingested.values())
+    new, old = [], []
+    for name, digest in sorted(landing.items()):
+        if name in ingested and ingested[name] != digest:
+            raise PipelineError(
+                f"batch {name!r} was already ingested with different content; landing batches are "
+                "immutable: deliver the corrected batch under a new name"
+            )
+        (old if digest in known_hashes else new).append(name)
+        known_hashes.add(digest)  # a second copy of a batch landing in the same run is a no-op too
+    return new, old
+
+
+class BatchRejected(PipelineError):
+    """A structural problem: nothing of the batch can be trusted, so none of it is ingested."""
+
+    def __init__(self, batch: str, reason: str, detail: str) -> None:
+        super().__init__(f"batch {batch!r} rejected ({reason}): {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def resolve_inside(batch_dir: Path, rel: str) -> Path:
+    """The file ``rel`` names, refusing anything that leaves the batch directory."""
+    if not rel:
+        raise RowProblem(MISSING_FILE, "no path given")
+    if Path(rel).is_absolute() or "\\" in rel:
+        raise RowProblem(PATH_OUTSIDE_BATCH, f"path {rel!r} must be relative to the batch, with '/' separators")
+    path = (batch_dir / rel).resolve()
+    if not path.is_relative_to(batch_dir.resolve()):
+        raise RowProblem(PATH_OUTSIDE_BATCH, f"path {rel!r} points outside the batch")
+    return path
+
+
+def _read_labels_csv(batch_dir: Path) -> tuple[list[LabeledFile], list[str]]:
+    labels = batch_dir / LABELS_FILE
+    try:
+        # utf-8-sig drops a byte order mark; the csv module takes CRLF and LF alike.
+        with labels.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            found = list(reader.fieldnames or ())
+            missing = {"path", "label"} - set(found)
+            if missing:
+                raise BatchRejected(
+                    batch_dir.name, "missing_columns",
+                    f"{LABELS_FILE} lacks column(s) {sorted(missing)}; required: path,label (found {found})",
+                )  # fmt: skip
+            rows = [LabeledFile(row["path"] or "", row["label"] or "") for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise BatchRejected(batch_dir.name, "unreadable_labels", f"{LABELS_FILE} is not a UTF-8 CSV ({exc})") from None
+    extra = [c for c in found if c not in ("path", "label")]
+    return rows, [f"ignored extra column(s) in {LABELS_FILE}: {extra}"] if extra else []
+
+
+def _read_image_folder(batch_dir: Path, extensions: tuple[str, ...]) -> list[LabeledFile]:
+    rows = []
+    for class_dir in sorted(p for p in batch_dir.iterdir() if p.is_dir()):
+        for file in sorted(class_dir.rglob("*")):
+            if file.is_file() and file.suffix.lower() in extensions:
+                rows.append(LabeledFile(file.relative_to(batch_dir).as_posix(), class_dir.name))
+    return rows
+
+
+def read_batch(batch_dir: Path, extensions: tuple[str, ...]) -> tuple[list[LabeledFile], list[str]]:
+    """The labelled files of a batch, from labels.csv or class sub-folders, and notes about it."""
+    notes: list[str] = []
+    if (batch_dir / LABELS_FILE).is_file():
+        rows, notes = _read_labels_csv(batch_dir)
+    elif any(p.is_dir() for p in batch_dir.iterdir()):
+        rows = _read_image_folder(batch_dir, extensions)
+    elif any(batch_dir.iterdir()):
+        raise BatchRejected(
+            batch_dir.name, "no_labels", f"expected {LABELS_FILE} (columns path,label) or one sub-folder per class"
+        )
+    else:
+        rows = []
+    if not rows:
+        raise BatchRejected(batch_dir.name, "empty_batch", "no labelled images found")
+    return rows, notes
+
+
+@dataclass(frozen=True)
+class _Row:
+    row: LabeledFile
+    source: Path | None  # None when the path could not be resolved safely
+    sha256: str
+    problem: RowProblem | None = None
+
+
+def _resolve_row(batch_dir: Path, row: LabeledFile, cache: FileHashCache) -> _Row:
+    try:
+        try:
+            row.path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RowProblem(BAD_FILENAME, "file name is not valid UTF-8") from None
+        source = resolve_inside(batch_dir, row.path)
+    except RowProblem as problem:
+        return _Row(row, None, "", problem)
+    return _Row(row, source, cache.sha256(source) if source.is_file() else "")
+
+
+def hash_batch(
+    batch_dir: Path, cfg: PipelineConfig, cache: FileHashCache | None = None
+) -> tuple[list[_Row], str, list[str]]:
+    """The batch's rows with their file hashes, the batch's content hash, and notes."""
+    cache = cache or FileHashCache(None)
+    labelled, notes = read_batch(batch_dir, cfg.ingest.image_extensions)
+    rows = [_resolve_row(batch_dir, row, cache) for row in labelled]
+    digest = content_hash([(printable(r.row.path), r.row.label, r.sha256) for r in rows])
+    return rows, digest, notes
+
+
+def printable(rel: str) -> str:
+    """A path for CSVs and messages: a file name that is not valid UTF-8 shows its raw bytes as escapes."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def landing_batches(landing: Path) -> list[Path]:
+    if not landing.is_dir():
+        raise PipelineError(f"landing zone not found: {landing} (set ingest.landing_dir in params.yaml)")
+    batches = []
+    for path in sorted(landing.iterdir()):
+        if not path.is_dir() or not is_candidate_batch(path.name):
+            continue
+        if not BATCH_NAME.match(path.name):
+            raise PipelineError(
+                f"invalid batch name {path.name!r}: use letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        batches.append(path)
+    return batches
+
+
+def ingested_batches(raw: Path) -> dict[str, str]:
+    """Batch name -> content hash of everything already in data/raw."""
+    if not raw.is_dir():
+        return {}
+    return {
+        p.parent.name: read_json(p)["content_hash"]
+        for p in sorted(raw.glob(f"*/{BATCH_INFO}"))
+        if is_candidate_batch(p.parent.name)
+    }
+
+
+def rejected_batches(quarantine: Path) -> set[str]:
+    return {p.parent.name for p in quarantine.glob(f"*/{REJECTED_INFO}")} if quarantine.is_dir() else set()

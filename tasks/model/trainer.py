@@ -1,0 +1,375 @@
+"""The training loop: batches from memory-mapped uint8 arrays (or cached features), tensor-op
+preprocessing and augmentation on the device, a checkpoint per epoch, resume after a crash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.common.config import PipelineConfig, TrainConfig
+from tasks.common.errors import PipelineError
+from tasks.model.features import FeatureStore, FeatureView, cache_key, compute_features, ensure_features
+from tasks.model.network import (
+    ImageClassifier,
+    ModelError,
+    Preprocessing,
+    freeze_batchnorm_stats,
+    head_parameter_names,
+    predict_logits,
+    set_trainable,
+    split_backbone,
+)
+
+log = logging.getLogger(__name__)
+
+
+HISTORY_COLUMNS = ("epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s")
+
+#: Seconds between progress lines inside an epoch.
+PROGRESS_EVERY_S = 10.0
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def phase_for_epoch(epoch: int, cfg: TrainConfig) -> str:
+    """``head`` during warm-up epochs, then the configured strategy."""
+    return "head" if epoch < cfg.head_warmup_epochs and cfg.strategy != "feature_extraction" else cfg.strategy
+
+
+def scaled_lr(cfg: TrainConfig) -> float:
+    """``lr`` for ``batch_size``, given that it was tuned at ``base_batch_size``.
+
+    linear: the usual rule for SGD (Goyal et al. 2017); sqrt: gentler, often better for Adam-type optimizers.
+    """
+    ratio = cfg.batch_size / cfg.base_batch_size
+    return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+
+
+def effective_config(cfg: TrainConfig) -> TrainConfig:
+    """The schedule a run follows: a warm start runs ``warm_start_epochs`` at ``lr * warm_start_lr_mult``
+    and no head warm-up (its head is already trained)."""
+    if cfg.warm_start is None:
+        return cfg
+    update = {"epochs": cfg.warm_start_epochs, "head_warmup_epochs": 0, "lr": cfg.lr * cfg.warm_start_lr_mult}
+    return cfg.model_copy(update=update)
+
+
+def uses_feature_cache(cfg: TrainConfig) -> bool:
+    """The cache needs a frozen front: not for ``fine_tune`` nor ``partial`` with nothing frozen."""
+    if not cfg.feature_cache:
+        return False
+    return cfg.strategy == "feature_extraction" or (cfg.strategy == "partial" and cfg.frozen_stages > 0)
+
+
+def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and translation, per sample, in one affine resampling."""
+    n, _, h, w = images.shape
+    if not cfg.augment.hflip and cfg.augment.translate == 0:
+        return images
+    flip = torch.ones(n)
+    if cfg.augment.hflip:
+        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 * cfg.augment.translate / torch.tensor([w, h]))
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = flip, 1.0
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def input_fingerprint(cfg: PipelineConfig, data_digest: str) -> str:
+    """What a checkpoint is valid for: the train params, the label set and the data."""
+    payload = json.dumps({"train": cfg.train.model_dump(), "classes": cfg.classes, "data": data_digest}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    phase: str
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    images_per_s: float
+
+
+def make_optimizer(model: ImageClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+    head = {f"backbone.{n}" for n in head_parameter_names(model.backbone)}
+    head_params, body_params = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head_params if name in head else body_params).append(param)
+    lr = scaled_lr(cfg)
+    groups = [{"params": head_params, "lr": lr, "base_lr": lr}]
+    if body_params:
+        body_lr = lr * cfg.backbone_lr_mult
+        groups.append({"params": body_params, "lr": body_lr, "base_lr": body_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+class LiveInputs:
+    """uint8 images through preprocessing, augmentation and the whole backbone at every step."""
+
+    def __init__(self, model: ImageClassifier, images: np.ndarray) -> None:
+        self.model, self.images = model, images
+        #: What the training step calls; the Trainer may swap in a torch.compile wrapper.
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = model.backbone
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def train_logits(
+        self, idx: np.ndarray, cfg: TrainConfig, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
+        x = torch.from_numpy(self.images[idx]).to(device, non_blocking=True)
+        inputs = augment(self.model.preprocess(x), cfg, generator)
+        return self.forward(inputs.contiguous(memory_format=torch.channels_last))
+
+    def predict(self, batch_size: int, device: torch.device) -> np.ndarray:
+        return predict_logits(self.model, self.images, batch_size, device)
+
+
+class CachedInputs:
+    """Cached output of the frozen front through the trainable rest only.
+
+    hflip picks, per sample, the cached features of the mirrored image, which is what the live
+    path computes for a flipped sample. Random translation has no equivalent here.
+    """
+
+    def __init__(self, rest: nn.Module, features: FeatureView, mirrored: FeatureView | None = None) -> None:
+        self.rest, self.features, self.mirrored = rest, features, mirrored
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = rest
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def _to_device(self, features: np.ndarray, device: torch.device) -> torch.Tensor:
+        x = torch.from_numpy(features).to(device, non_blocking=True).float()
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+    def train_logits(
+        self, idx: np.ndarray, cfg: TrainConfig, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
+        features = self.features[idx]
+        if cfg.augment.hflip and self.mirrored is not None:
+            flip = (torch.rand(len(idx), generator=generator) < 0.5).numpy()
+            features[flip] = self.mirrored[idx[flip]]
+        return self.forward(self._to_device(features, device))
+
+    @torch.inference_mode()
+    def predict(self, batch_size: int, device: torch.device) -> np.ndarray:
+        self.rest.eval()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        out = []
+        for start in range(0, len(self), batch_size):
+            batch = self.features[np.arange(start, min(start + batch_size, len(self)))]
+            with autocast:
+                out.append(self.rest(self._to_device(batch, device)).float().cpu())
+        return torch.cat(out).numpy()
+
+
+Inputs = LiveInputs | CachedInputs
+
+
+def evaluate_split(inputs: Inputs, labels: np.ndarray, batch_size: int, device: torch.device) -> tuple[float, float]:
+    if len(labels) == 0:
+        return float("nan"), float("nan")
+    logits = torch.from_numpy(inputs.predict(batch_size, device))
+    target = torch.from_numpy(labels)
+    return float(F.cross_entropy(logits, target)), float((logits.argmax(1) == target).float().mean())
+
+
+class Trainer:
+    """Runs epochs over uint8 arrays; owns the model, optimizer and checkpointing."""
+
+    def __init__(self, model: ImageClassifier, cfg: TrainConfig, device: torch.device, checkpoint: Path | None):
+        self.model, self.cfg, self.device, self.checkpoint = model, cfg, device, checkpoint
+        self.history: list[EpochStats] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.phase: str | None = None
+        self.trainable = 0
+        #: Epochs trained by this process (a resumed run skips the checkpointed ones).
+        self.epochs_run = 0
+        self.model.to(device)
+        if device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+
+    def _enter_phase(self, phase: str) -> None:
+        if phase == self.phase:
+            return
+        self.trainable = set_trainable(
+            self.model.backbone, self.cfg.strategy, self.cfg.frozen_stages, head_only=phase == "head"
+        )
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.phase = phase
+        log.info("phase %s: %s trainable parameters", phase, f"{self.trainable:,}")
+
+    def _resume(self) -> int:
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return 0
+        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        self._enter_phase(state["phase"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = [EpochStats(**row) for row in state["history"]]
+        log.info("resumed from %s after epoch %d", self.checkpoint, state["epoch"] + 1)
+        return state["epoch"] + 1
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_suffix(".tmp")
+        state = {
+            "epoch": epoch,
+            "phase": self.phase,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": [asdict(h) for h in self.history],
+        }
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint)
+
+    def _inputs(self, data: np.ndarray | Inputs) -> Inputs:
+        return LiveInputs(self.model, data) if isinstance(data, np.ndarray) else data
+
+    def fit(
+        self, train: tuple[np.ndarray | Inputs, np.ndarray], val: tuple[np.ndarray | Inputs, np.ndarray]
+    ) -> list[EpochStats]:
+        """Train on uint8 image arrays (or prepared inputs, e.g. cached features) with their labels."""
+        images, labels = self._inputs(train[0]), train[1]
+        val_inputs = self._inputs(val[0])
+        if self.cfg.compile:
+            # Compile the callable the step uses, not self.model: state_dict keys stay unprefixed.
+            images.forward = torch.compile(images.forward)
+        cfg = self.cfg
+        steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
+        total_steps = steps_per_epoch * cfg.epochs
+        warmup = min(total_steps // 10, 200)
+        for epoch in range(self._resume(), cfg.epochs):
+            self._enter_phase(phase_for_epoch(epoch, cfg))
+            stats = self._run_epoch(epoch, images, labels, steps_per_epoch, total_steps, warmup)
+            stats.val_loss, stats.val_accuracy = evaluate_split(val_inputs, val[1], cfg.batch_size * 2, self.device)
+            self.history.append(stats)
+            log.info(
+                "epoch %d/%d done: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
+                epoch + 1, cfg.epochs, stats.train_loss, stats.train_accuracy,
+                stats.val_loss, stats.val_accuracy, stats.images_per_s,
+            )  # fmt: skip
+            self._save_checkpoint(epoch)
+            self.epochs_run += 1
+        return self.history
+
+    def _run_epoch(
+        self, epoch: int, images: Inputs, labels: np.ndarray, steps: int, total: int, warmup: int
+    ) -> EpochStats:
+        cfg, model, device = self.cfg, self.model, self.device
+        torch.manual_seed(cfg.seed + epoch)  # dropout and augmentation repeat exactly on resume
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        order = torch.randperm(len(labels), generator=generator).numpy()
+        model.train()
+        freeze_batchnorm_stats(model.backbone)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        loss_sum, correct, seen = 0.0, 0, 0
+        started = last_report = time.monotonic()
+        for step in range(steps):
+            # Sorted indices read the memmap sequentially; the batch is still a random sample.
+            idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            y = torch.from_numpy(labels[idx]).to(device, non_blocking=True)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(epoch * steps + step, total, warmup)
+            with autocast:
+                logits = images.train_logits(idx, cfg, generator, device)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            now = time.monotonic()
+            if now - last_report >= PROGRESS_EVERY_S and step + 1 < steps:
+                last_report = now
+                rate = seen / (now - started)
+                log.info(
+                    "epoch %d/%d [%d/%d] loss %.4f acc %.4f %.0f img/s eta %.0fs",
+                    epoch + 1, cfg.epochs, step + 1, steps, loss_sum / seen, correct / seen,
+                    rate, (len(labels) - seen) / rate,
+                )  # fmt: skip
+        elapsed = time.monotonic() - started
+        return EpochStats(epoch + 1, self.phase, loss_sum / seen, correct / seen, 0.0, 0.0, seen / elapsed)
+
+
+@dataclass(frozen=True)
+class SplitData:
+    images: np.ndarray
+    labels: np.ndarray
+    hashes: list[str]
+
+
+def cached_inputs(
+    model: ImageClassifier, cfg: TrainConfig, cache_root: Path, splits: dict[str, SplitData], device: torch.device
+) -> tuple[dict[str, CachedInputs], int]:
+    """Cached-feature inputs per split and how many feature rows had to be computed now.
+
+    The train split also gets the mirrored images' features when hflip is on.
+    """
+    try:
+        front, rest, cut = split_backbone(model.backbone, cfg.strategy, cfg.frozen_stages)
+    except ModelError as exc:
+        raise PipelineError(f"train.feature_cache: {exc}") from None
+    if cfg.augment.translate:
+        log.warning("feature_cache: augment.translate=%d is ignored (no translation of cached features)",
+                    cfg.augment.translate)  # fmt: skip
+    views: dict[tuple[str, bool], FeatureView] = {}
+    computed = 0
+    stored_shape = next(iter(splits.values())).images.shape[1:]
+    for mirrored in (False, True) if cfg.augment.hflip else (False,):
+        store = FeatureStore(cache_root / cache_key(front, model_preprocessing(model), cut, stored_shape, mirrored))
+        compute = partial(
+            compute_features, front, model.preprocess, mirrored=mirrored, batch_size=cfg.batch_size * 2, device=device
+        )
+        for name, split in splits.items():
+            if mirrored and name != "train":
+                continue
+            computed += ensure_features(store, split.hashes, split.images, compute)
+            views[name, mirrored] = store.view(split.hashes)
+    inputs = {name: CachedInputs(rest, views[name, False], views.get((name, True))) for name in splits}
+    return inputs, computed
+
+
+def model_preprocessing(model: ImageClassifier) -> Preprocessing:
+    """The preprocessing ``model`` applies, read back from its buffers."""
+    return Preprocessing(
+        mean=tuple(float(v) / 255.0 for v in model.mean.flatten().tolist()),
+        std=tuple(float(v) / 255.0 for v in model.std.flatten().tolist()),
+        input_size=model.input_size,
+        interpolation=model.interpolation,
+    )

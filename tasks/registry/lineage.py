@@ -1,0 +1,65 @@
+"""What a registered version carries so anyone can go back from it to the exact data, code and params."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from typing import Any
+
+from tasks.common.config import PipelineConfig
+from tasks.common.dvc import dvc_data_hash
+from tasks.common.errors import PipelineError
+from tasks.common.files import read_json
+from tasks.common.workspace import Workspace
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """Nested params as MLflow keys: ``train.augment.hflip``."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return out
+    if isinstance(value, list | tuple):
+        return {prefix: ",".join(str(v) for v in value)}
+    return {prefix: value}
+
+
+def params_hash(cfg: PipelineConfig) -> str:
+    canonical = json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _git(ws: Workspace, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=ws.root, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def collect_lineage(cfg: PipelineConfig, ws: Workspace) -> dict[str, str]:
+    lock = ws.dvc_lock
+    validation = read_json(ws.validate_report)
+    dirty = _git(ws, "status", "--porcelain", "--untracked-files=no", "--", "tasks", "flows", "dvc.yaml")
+    return {
+        "git_commit": _git(ws, "rev-parse", "HEAD") or "none",
+        "git_dirty": str(bool(dirty)).lower(),
+        "dvc_data_hash": dvc_data_hash(ws.raw_dvc) or "none",
+        "dvc_lock_hash": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none",
+        "params_hash": params_hash(cfg),
+        "batch_ids": ",".join(validation["batches"]),
+        "n_images": str(validation["n_images"]),
+        "classes": json.dumps(list(cfg.classes)),
+    }
+
+
+def check_outputs_current(ws: Workspace) -> None:
+    """Refuse to register a model that dvc.lock does not vouch for (stale or hand-edited)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=ws.root, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise PipelineError(f"dvc status failed: {proc.stderr.strip().splitlines()[-1:]}")
+    stale = json.loads(proc.stdout or "{}")
+    if stale:
+        raise PipelineError(f"pipeline outputs are not current (dvc status: {sorted(stale)}); run `dvc repro` first")
