@@ -12,11 +12,12 @@ export DVC_NO_ANALYTICS ?= 1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PREFECT_PORT ?= 4200
 
-.PHONY: help uv setup data demo test lint format up down bench bench-gpu
+.PHONY: help uv setup data demo test test-fast lint format up down bench bench-gpu
 
 help:
 	@echo "make demo    install everything and run the pipeline on the embedded Fashion-MNIST default"
 	@echo "make test    install everything and run the test suite"
+	@echo "make test-fast  unit tests of the pure cores only (no DVC repo, MLflow or Prefect): about a minute"
 	@echo "make up      start a local Prefect server (UI on http://127.0.0.1:$(PREFECT_PORT)) and serve the deployments"
 	@echo "make down    stop exactly what make up started"
 	@echo "make lint    ruff check + format check"
@@ -41,8 +42,14 @@ data:
 demo: setup data
 	$(UV) run python -m flows.demo
 
+# The full suite: unit tests plus integration tests of the real stack. The 15 slowest are listed
+# at the end (CI prints them too).
 test: setup
-	$(UV) run pytest
+	$(UV) run pytest --durations=15
+
+# The fast lane: unit tests only (pytest marker `integration` marks the real-stack tests).
+test-fast: setup
+	$(UV) run pytest -m "not integration" --durations=10
 
 lint: setup
 	$(UV) run ruff check . && $(UV) run ruff format --check .

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.logs import project_logs_to_run
 from flows.stages import (
     STAGE_TASKS,
     gate,
@@ -81,7 +82,8 @@ def retrain(workspace: str = ".", skip_ingest: bool = False, data_hash: str | No
     already registered for the workspace's current data, the run finishes early.
     """
     ws = Workspace(Path(workspace).resolve())
-    with workspace_lock(ws, PIPELINE_LOCK):  # one retrain per workspace; watch ticks skip meanwhile
+    # One retrain per workspace (watch ticks skip meanwhile); the steps' own logs go to this run's log.
+    with project_logs_to_run(), workspace_lock(ws, PIPELINE_LOCK):
         return _retrain(ws, skip_ingest, data_hash)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.logs import project_logs_to_run
 from tasks.common.config import load_params
 from tasks.common.workspace import Workspace
 from tasks.registry.aliases import rollback as rollback_champion
@@ -29,7 +30,8 @@ def move_champion(workspace: str, reason: str, to_version: str | None) -> dict[s
 
 @flow(name="rollback")
 def rollback(reason: str, workspace: str = ".", to_version: str | None = None) -> dict[str, Any]:
-    entry = move_champion(str(Path(workspace).resolve()), reason, to_version)
+    with project_logs_to_run():
+        entry = move_champion(str(Path(workspace).resolve()), reason, to_version)
     create_markdown_artifact(
         f"# Rollback of `{entry['model']}`\n\nchampion v{entry['from_version']} → v{entry['to_version']}\n\n"
         f"Reason: {entry['reason']}\n\nBy: {entry['actor']} at {entry['at']}",

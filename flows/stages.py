@@ -1,12 +1,15 @@
 """Prefect tasks around the pipeline steps: ingest and register run in-process, the DVC
 stages run through ``dvc repro --single-item`` so dvc.lock is written exactly as by
-``dvc repro``."""
+``dvc repro``. A stage process reports how it ended in a small JSON file (tasks/common/stage.py),
+which is what these tasks read: no scraping of output. Only errors known to be transient are
+retried."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,25 +19,29 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from tasks.common.config import load_params
-from tasks.common.errors import PipelineError
+from tasks.common.errors import is_transient
 from tasks.common.files import read_json
-from tasks.common.stage import DVC_STAGES, ERROR_PREFIX
+from tasks.common.stage import DVC_STAGES, RESULT_ENV, StageOutcome
 from tasks.common.workspace import Workspace
 from tasks.ingest import run_ingest
 from tasks.register import run_register, version_for_data
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; the message is the stage's own."""
+    """A DVC stage exited non-zero; the message is the stage's own (or DVC's, when the stage never ran)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # user | transient | bug | dvc
 
 
-def is_transient(_task: Task, _run: TaskRun, state: State) -> bool:
-    """Retry IO hiccups, never a problem the user has to fix (retrying cannot help)."""
-    exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, PipelineError | StageFailed)
+def retry_transient(_task: Task, _run: TaskRun, state: State) -> bool:
+    """Retry a lost connection or a busy database, nothing else: a user error or a bug would
+    only fail again, and a retried register could log a second MLflow run."""
+    return is_transient(state.result(raise_on_failure=False))
 
 
-IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": is_transient}
+IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_transient}
 
 
 @task(name="ingest", **IO_RETRIES)
@@ -74,13 +81,12 @@ def publish_validation(ws: Workspace) -> None:
         create_markdown_artifact(summary.read_text(encoding="utf-8"), key="data-validation", description="validate")
 
 
-def stage_failure_message(stage: str, output: list[str], returncode: int) -> str:
-    """The stage's own one-line error when it printed one, else DVC's last words."""
-    own = [line.strip() for line in output if line.startswith(ERROR_PREFIX)]
-    if own:
-        return own[-1].removeprefix(ERROR_PREFIX)
-    tail = [line.strip() for line in output if line.strip()][-3:]
-    return f"{stage}: exited with {returncode}: {' | '.join(tail)}"
+def dvc_failure_message(stage: str, output: list[str], returncode: int) -> str:
+    """When the stage never reported (DVC itself failed: a lock, a missing dependency), DVC's
+    own error lines."""
+    errors = [line.strip() for line in output if line.startswith("ERROR")]
+    tail = errors or [line.strip() for line in output if line.strip()][-3:]
+    return f"{stage}: dvc exited with {returncode}: {' | '.join(tail)}"
 
 
 def dvc_stage_env() -> dict[str, str]:
@@ -92,22 +98,35 @@ def dvc_stage_env() -> dict[str, str]:
 
 
 def run_dvc_stage(stage: str, workspace: str) -> dict[str, Any]:
-    """``dvc repro --single-item <stage>``, streaming its output into the Prefect log."""
+    """``dvc repro --single-item <stage>``, streaming its output into the Prefect log; the
+    stage's outcome file says whether it ran and how it ended."""
     logger = get_run_logger()
+    ws = Workspace(Path(workspace))
+    ws.stage_results.mkdir(parents=True, exist_ok=True)
+    result_file = ws.stage_results / f"{stage}-{uuid.uuid4().hex}.json"
+    env = dvc_stage_env()
+    env[RESULT_ENV] = str(result_file)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     output: list[str] = []
-    with subprocess.Popen(
-        cmd, cwd=workspace, env=dvc_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            output.append(line.rstrip("\n"))
-            if line.strip():
-                logger.info(line.rstrip())
+    try:
+        with subprocess.Popen(
+            cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                output.append(line.rstrip("\n"))
+                if line.strip():
+                    logger.info(line.rstrip())
+        outcome = StageOutcome.read(result_file) if result_file.is_file() else None
+    finally:
+        result_file.unlink(missing_ok=True)
+    if outcome is not None and not outcome.ok:
+        raise StageFailed(f"{stage}: {outcome.error}", outcome.error_kind or "bug")
     if proc.returncode != 0:
-        raise StageFailed(stage_failure_message(stage, output, proc.returncode))
-    skipped = any(f"Stage '{stage}' didn't change, skipping" in line for line in output)
-    return {"stage": stage, "ran": not skipped}
+        raise StageFailed(dvc_failure_message(stage, output, proc.returncode), "dvc")
+    # No outcome and exit 0: DVC found the stage unchanged and did not run it.
+    return {"stage": stage, "ran": outcome is not None, "seconds": outcome.seconds if outcome else 0.0,
+            "result": outcome.result if outcome else None}  # fmt: skip
 
 
 #: One Prefect task per DVC stage, named as the stage. No retries: a stage failure is

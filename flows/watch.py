@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
+from flows.logs import project_logs_to_run
 from flows.stages import ingest, ingest_markdown
 from tasks.common.errors import PipelineError, WorkspaceBusy
 from tasks.common.files import read_json, write_json
@@ -50,7 +51,7 @@ def watch_landing(workspace: str = ".") -> dict[str, Any]:
     logger = get_run_logger()
     try:
         # Never wait on a running retrain: its DVC stages read data/raw. The next tick retries.
-        with workspace_lock(ws, PIPELINE_LOCK, blocking=False):
+        with project_logs_to_run(), workspace_lock(ws, PIPELINE_LOCK, blocking=False):
             result = ingest(str(ws.root))
     except WorkspaceBusy:
         logger.info("a retrain holds the workspace; new batches are picked up by a later tick")

@@ -59,6 +59,25 @@ def version_for_data(cfg: PipelineConfig, ws: Workspace, data_hash: str) -> str 
     return None if version is None else str(version.version)
 
 
+#: Run tag holding the logged model's URI: marks a run whose model was logged completely.
+MODEL_URI_TAG = "model_uri"
+
+
+def _logged_run(client: Any, experiment_id: str, lock_hash: str) -> tuple[str, str] | None:
+    """A finished run that already logged this pipeline state's model (a register that crashed
+    or lost its connection before registering the version): reused, never logged twice."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.dvc_lock_hash = '{lock_hash}' and attributes.status = 'FINISHED'",
+        max_results=10,
+    )
+    for run in runs:
+        if MODEL_URI_TAG in run.data.tags:
+            log.info("reusing run %s, which logged this pipeline state's model", run.info.run_id)
+            return run.info.run_id, run.data.tags[MODEL_URI_TAG]
+    return None
+
+
 def _log_run(cfg: PipelineConfig, ws: Workspace, experiment_id: str, lineage: dict[str, str]) -> tuple[str, str]:
     """An MLflow run with params, metrics, reports and the model; returns (run id, model uri)."""
     import mlflow
@@ -93,6 +112,7 @@ def _log_run(cfg: PipelineConfig, ws: Workspace, experiment_id: str, lineage: di
             serialization_format="pt2",
             pip_requirements=_requirements(),
         )
+        mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # last: the run is complete
     return run.info.run_id, info.model_uri
 
 
@@ -130,7 +150,8 @@ def _register(cfg: PipelineConfig, ws: Workspace, client: Any, uri: str, artifac
             rcfg.model_name, str(version.version), version.run_id, tuple(version.aliases), uri, False, judged
         )
     experiment_id = _ensure_experiment(client, rcfg.experiment, artifacts)
-    run_id, model_uri = _log_run(cfg, ws, experiment_id, lineage)
+    logged = _logged_run(client, experiment_id, lineage["dvc_lock_hash"])
+    run_id, model_uri = logged or _log_run(cfg, ws, experiment_id, lineage)
     version = str(mlflow.register_model(model_uri, rcfg.model_name, tags=lineage).version)
     client.set_registered_model_alias(rcfg.model_name, CHALLENGER, version)
     aliases = [CHALLENGER]

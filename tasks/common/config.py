@@ -1,4 +1,12 @@
-"""params.yaml parsed into typed models. Unknown keys fail at load with the key's name."""
+"""params.yaml parsed into typed models. Unknown keys fail at load with the key's name.
+
+The defaults below are the one source of the pipeline's defaults: a workspace's params.yaml
+spells them out (DVC tracks params by key) and may differ from them only where it describes
+its own dataset (``DATASET_KEYS``) or where its owner chose otherwise; the repository's
+params.yaml is exactly these defaults plus the Fashion-MNIST demo's dataset keys (a test
+checks it). Checks that involve two keys run here, at load, so a bad combination fails
+before any stage starts.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.common.errors import PipelineError
+
+#: The keys that describe a dataset rather than a choice of method: set per workspace.
+DATASET_KEYS = ("classes", "prepare.image_size", "register.model_name")
 
 
 class _Strict(BaseModel):
@@ -35,6 +46,12 @@ class Thresholds(_Strict):
     warn: Annotated[float, Field(ge=0)] | None = None
     block: Annotated[float, Field(ge=0)] | None = None
 
+    @model_validator(mode="after")
+    def _warn_below_block(self) -> Thresholds:
+        if self.warn is not None and self.block is not None and self.warn > self.block:
+            raise ValueError(f"warn ({self.warn:g}) must not exceed block ({self.block:g})")
+        return self
+
 
 class ValidateConfig(_Strict):
     #: PIL format names; only these decoders are ever run on landed files.
@@ -45,7 +62,7 @@ class ValidateConfig(_Strict):
     max_image_side: Annotated[int, Field(gt=0)] = 4096
     #: Checked from the header before decoding: anything larger is treated as a decompression bomb.
     max_pixels: Annotated[int, Field(gt=0)] = 4096 * 4096
-    min_images_per_class: Annotated[int, Field(ge=0)] = 1
+    min_images_per_class: Annotated[int, Field(ge=0)] = 20
     #: Largest class count / smallest class count over the whole dataset.
     class_imbalance: Thresholds = Thresholds(warn=3.0)
     #: Jensen-Shannon distance (base 2, 0 = same, 1 = disjoint) between a batch's label
@@ -71,6 +88,19 @@ class ValidateConfig(_Strict):
             raise ValueError(f"unknown image format(s) {unknown}; supported: {', '.join(sorted(Image.OPEN))}")
         return value
 
+    @model_validator(mode="after")
+    def _sizes_consistent(self) -> ValidateConfig:
+        if self.min_image_side > self.max_image_side:
+            raise ValueError(
+                f"min_image_side ({self.min_image_side}) must not exceed max_image_side ({self.max_image_side})"
+            )
+        if self.max_pixels < self.min_image_side**2:
+            raise ValueError(
+                f"max_pixels ({self.max_pixels}) is below min_image_side squared ({self.min_image_side**2}): "
+                "no image could pass"
+            )
+        return self
+
 
 class PrepareConfig(_Strict):
     #: Side of the square uint8 images stored for training. Native size is kept when equal.
@@ -79,6 +109,15 @@ class PrepareConfig(_Strict):
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     #: Changing the salt reshuffles every split; leave it alone unless you mean that.
     split_salt: str = ""
+
+    @model_validator(mode="after")
+    def _fractions_leave_a_train_split(self) -> PrepareConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1 (a train split must remain), "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        return self
 
 
 class AugmentConfig(_Strict):
@@ -96,19 +135,19 @@ class TrainConfig(_Strict):
     weights: str = "packaged"
     strategy: Strategy = "partial"
     #: For ``partial``: how many of the backbone's stages (stem first) stay frozen.
-    frozen_stages: Annotated[int, Field(ge=0)] = 2
+    frozen_stages: Annotated[int, Field(ge=0)] = 3
     #: Epochs that train only the new head before the strategy's layers are unfrozen.
     head_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     epochs: Annotated[int, Field(ge=1)] = 3
     batch_size: Annotated[int, Field(ge=1)] = 128
-    lr: Annotated[float, Field(gt=0)] = 2e-3
+    lr: Annotated[float, Field(gt=0)] = 3e-3
     #: Learning rate multiplier for pretrained layers (``fine_tune`` and ``partial``).
-    backbone_lr_mult: Annotated[float, Field(gt=0, le=1)] = 0.1
+    backbone_lr_mult: Annotated[float, Field(gt=0, le=1)] = 0.5
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     drop_rate: Annotated[float, Field(ge=0, lt=1)] = 0.2
     #: Model input side; null takes the backbone's pretrained input size.
-    image_size: Annotated[int, Field(gt=0)] | None = None
+    image_size: Annotated[int, Field(gt=0)] | None = 64
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: CPU threads; null lets torch decide.
     num_threads: Annotated[int, Field(ge=1)] | None = None
@@ -118,7 +157,7 @@ class TrainConfig(_Strict):
     #: keep it under .cache/features/ keyed by image hash, and train only the rest on it.
     #: Random translation cannot be applied to cached features and is skipped; hflip uses
     #: cached features of the mirrored image.
-    feature_cache: bool = False
+    feature_cache: bool = True
     #: Wrap the training forward pass in torch.compile (worth it on GPU; slower on CPU).
     compile: bool = False
     #: A model directory written by save_model to start from (same backbone and classes);
@@ -130,6 +169,15 @@ class TrainConfig(_Strict):
     #: Scale ``lr`` with batch_size / base_batch_size: none | linear | sqrt.
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     base_batch_size: Annotated[int, Field(ge=1)] = 128
+
+    @model_validator(mode="after")
+    def _warmup_leaves_epochs(self) -> TrainConfig:
+        if self.strategy != "feature_extraction" and self.head_warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"head_warmup_epochs ({self.head_warmup_epochs}) must be < epochs ({self.epochs}), "
+                f"or strategy {self.strategy!r} never trains more than the head"
+            )
+        return self
 
 
 class EvaluateConfig(_Strict):
@@ -147,8 +195,8 @@ class GateConfig(_Strict):
     """The promotion gate: challenger vs champion on the same current test split."""
 
     #: Absolute floors (the only rules for the first model, when there is no champion).
-    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.8
-    min_macro_f1: Annotated[float, Field(ge=0, le=1)] = 0.8
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.85
+    min_macro_f1: Annotated[float, Field(ge=0, le=1)] = 0.85
     #: How far below the champion the challenger may fall (fractions: 0.005 = half a point).
     max_accuracy_drop: Annotated[float, Field(ge=0, le=1)] = 0.005
     max_macro_f1_drop: Annotated[float, Field(ge=0, le=1)] = 0.005
@@ -213,7 +261,10 @@ def _format_error(err: dict, model: type[BaseModel]) -> str:
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, err["loc"][:-1])
         return f"unknown key '{where}'; allowed: {', '.join(allowed)}"
-    return f"'{where}': {err['msg']} (got {err.get('input')!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    if isinstance(err.get("input"), dict):  # a check across keys: the message names them
+        return f"'{where}': {message}"
+    return f"'{where}': {message} (got {err.get('input')!r})"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

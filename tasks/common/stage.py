@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
 
-from tasks.common.errors import PipelineError
+from tasks.common.errors import PipelineError, is_transient
+from tasks.common.files import read_json, write_json
 
 log = logging.getLogger("tasks")
 
@@ -16,9 +22,39 @@ log = logging.getLogger("tasks")
 #: tasks/<name>.py modules and Prefect task names.
 DVC_STAGES: tuple[str, ...] = ("validate", "prepare", "train", "evaluate")
 
-#: Prefix of the one-line message a stage prints on a user-facing failure; the flow looks
-#: for it in the stage's output so a failed run shows the stage's own words.
-ERROR_PREFIX = "error: "
+#: The flow sets this variable to a file path; the stage writes its ``StageOutcome`` there as
+#: JSON. No file after ``dvc repro`` means DVC skipped the stage (nothing changed).
+RESULT_ENV = "CTL_STAGE_RESULT"
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What a stage process tells the flow: how it ended, in how long, and its result object."""
+
+    stage: str
+    ok: bool
+    seconds: float
+    #: ``user`` (fix the data or params; one line in ``error``), ``transient`` (a retry may
+    #: help) or ``bug`` (a traceback is in the log); None when ok.
+    error_kind: str | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> StageOutcome:
+        return cls(**read_json(path))
+
+
+def _record(outcome: StageOutcome) -> None:
+    target = os.environ.get(RESULT_ENV)
+    if target:
+        write_json(Path(target), asdict(outcome))
+
+
+def _plain(result: object) -> dict[str, Any] | None:
+    if is_dataclass(result) and not isinstance(result, type):
+        return json.loads(json.dumps(asdict(result), default=str))
+    return None
 
 
 def setup_cli_logging(level: int = logging.INFO) -> None:
@@ -28,14 +64,23 @@ def setup_cli_logging(level: int = logging.INFO) -> None:
 def run_cli(stage: str, fn: Callable[[], object]) -> None:
     """Run a stage's ``main`` body: user errors become one line on stderr and exit code 2.
 
-    The closing "finished in" line is the stage's own work time, which bench/orchestration.py
-    separates from orchestration overhead.
+    The outcome also goes to the file named by ``CTL_STAGE_RESULT`` when the flow set it, so
+    the flow reads how the stage ended instead of scraping its output. The closing "finished
+    in" line is the stage's own work time, which bench/orchestration.py separates from
+    orchestration overhead.
     """
     setup_cli_logging()
     started = time.monotonic()
     try:
-        fn()
-        log.info("%s finished in %.1f s", stage, time.monotonic() - started)
+        result = fn()
     except PipelineError as exc:
-        print(f"{ERROR_PREFIX}{stage}: {exc}", file=sys.stderr, flush=True)
+        _record(StageOutcome(stage, False, time.monotonic() - started, "user", str(exc)))
+        print(f"error: {stage}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except Exception as exc:
+        kind = "transient" if is_transient(exc) else "bug"
+        _record(StageOutcome(stage, False, time.monotonic() - started, kind, f"{type(exc).__name__}: {exc}"))
+        raise
+    seconds = time.monotonic() - started
+    _record(StageOutcome(stage, True, seconds, result=_plain(result)))
+    log.info("%s finished in %.1f s", stage, seconds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 from tasks.common.config import PrepareConfig
-from tasks.common.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
 
@@ -25,10 +24,6 @@ def assign_split(sha256: str, val_fraction: float, test_fraction: float, salt: s
 
 def split_rows(rows: list[dict[str, str]], cfg: PrepareConfig) -> dict[str, list[dict[str, str]]]:
     """Unique images (first occurrence wins) per split, sorted by hash for a stable order."""
-    if cfg.val_fraction + cfg.test_fraction >= 1:
-        raise PipelineError(
-            f"prepare.val_fraction + prepare.test_fraction must be < 1, got {cfg.val_fraction + cfg.test_fraction}"
-        )
     unique: dict[str, dict[str, str]] = {}
     for row in rows:
         unique.setdefault(row["sha256"], row)

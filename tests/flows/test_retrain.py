@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import REPO as REPO_ROOT
 from tests.helpers import dvc, make_workspace, registry_client, store_uri, tiny_params, write_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -218,3 +219,37 @@ def test_bad_train_params_fail_stage_with_its_message(registered: Path, edit: di
     message = failed_flow_message(ws)
     assert expected in message
     assert registry_state(ws) == before
+
+
+def test_steps_own_logs_reach_the_flow_run_log(trained: dict) -> None:
+    # tasks/ logs with the standard library; during a flow run those records go to the run's log.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterName
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(name=LogFilterName(any_=["tasks.register", "tasks.gate"])))
+    messages = [log.message for log in logs if log.flow_run_id is not None]
+    assert any(m.startswith("registered tiny-classifier version 1") for m in messages), messages
+    assert any(m.startswith("gate: promote v1") for m in messages), messages
+
+
+def test_changing_any_module_a_stage_imports_makes_that_stage_stale(registered: Path) -> None:
+    # The real DVC view, module by module: after an edit, `dvc status` must name exactly the
+    # stages whose import closure holds the edited file (tests/test_structure.py computes it).
+    from dvc.repo import Repo
+
+    from tests.test_structure import STAGES, closure, module_path
+
+    ws = registered
+    assert Repo(str(ws)).status() == {}
+    closures = {stage: {p.relative_to(REPO_ROOT) for p in closure(module_path(f"tasks.{stage}"))} for stage in STAGES}
+    for module in sorted(p.relative_to(ws) for p in (ws / "tasks").rglob("*.py")):
+        original = (ws / module).read_text()
+        (ws / module).write_text(original + "\n# edited\n")
+        try:
+            stale = set(Repo(str(ws)).status())
+        finally:
+            (ws / module).write_text(original)
+        expected = {stage for stage, files in closures.items() if module in files}
+        assert stale == expected, f"editing {module}: dvc status says {sorted(stale)}, expected {sorted(expected)}"
+    assert Repo(str(ws)).status() == {}

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.common.metrics import compute_metrics
 from tasks.common.errors import PipelineError
+from tasks.common.metrics import compute_metrics
 from tasks.model.predictions import read_predictions, write_predictions
 
 CLASSES = ("a", "b", "c", "d")

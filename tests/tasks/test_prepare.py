@@ -115,11 +115,13 @@ def test_split_rows_is_stable_when_new_batches_arrive() -> None:
 
 
 @pytest.mark.parametrize(("val", "test"), [(0.5, 0.5), (0.3, 0.8), (0.6, 0.4)])
-def test_split_rows_rejects_fractions_that_leave_no_training_data(val: float, test: float) -> None:
-    cfg = PrepareConfig(val_fraction=val, test_fraction=test)
-
-    with pytest.raises(PipelineError, match=re.escape("prepare.val_fraction + prepare.test_fraction must be < 1")):
-        split_rows(rows_for(random_hashes(5)), cfg)
+def test_fractions_that_leave_no_training_data_fail_at_load(
+    val: float, test: float, make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    # Checked when params.yaml is read, before any stage runs, in one line naming the keys.
+    with pytest.raises(PipelineError, match=re.escape("'prepare': val_fraction + test_fraction must be < 1")) as info:
+        make_cfg(prepare={"val_fraction": val, "test_fraction": test})
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------- decode_image

@@ -14,6 +14,7 @@ from tasks.common.config import AugmentConfig, PipelineConfig, TrainConfig
 from tasks.common.errors import PipelineError
 from tasks.common.files import read_json
 from tasks.common.workspace import Workspace
+from tasks.data.prepared import load_split, write_index
 from tasks.model.network import (
     ImageClassifier,
     ModelSpec,
@@ -40,7 +41,7 @@ from tasks.model.trainer import (
     scaled_lr,
     uses_feature_cache,
 )
-from tasks.train import load_split, run_train
+from tasks.train import run_train
 
 LITE0 = "tf_efficientnet_lite0"
 CPU = torch.device("cpu")
@@ -263,16 +264,22 @@ def test_trainer_head_warmup_switches_phase(tmp_path: Path) -> None:
     assert trainer.trainable == sum(p.numel() for p in model.parameters())
 
 
+def write_arrays(ws: Workspace, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Prepared arrays plus a matching index.csv (distinct made-up hashes), as prepare writes them."""
+    ws.prepared.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, (images, labels) in splits.items():
+        np.save(ws.prepared / f"{split}_images.npy", images)
+        np.save(ws.prepared / f"{split}_labels.npy", labels)
+        rows += [[f"{split}{i}".ljust(64, "0"), split, "ab"[int(y)], "b1", f"{i}.png"] for i, y in enumerate(labels)]
+    write_index(ws.prepared, rows)
+
+
 def test_run_train_saves_model_reports_and_cleans_its_checkpoint(
     tmp_path: Path, make_cfg: Callable[..., PipelineConfig]
 ) -> None:
     ws = Workspace(tmp_path)
-    ws.prepared.mkdir(parents=True)
-    for split, n in (("train", 40), ("val", 8)):
-        images, labels = tiny_data(n, seed=n)
-        np.save(ws.prepared / f"{split}_images.npy", images)
-        np.save(ws.prepared / f"{split}_labels.npy", labels)
-    (ws.prepared / "index.csv").write_text("sha256,split,label,batch_id,path\n")
+    write_arrays(ws, {"train": tiny_data(40, seed=40), "val": tiny_data(8, seed=8)})
     cfg = make_cfg(train={**TINY.model_dump(), "epochs": 1, "device": "cpu", "weights": "none"})
 
     result = run_train(cfg, ws)
@@ -291,10 +298,8 @@ def test_run_train_saves_model_reports_and_cleans_its_checkpoint(
 
 def test_run_train_with_an_empty_train_split(tmp_path: Path, make_cfg: Callable[..., PipelineConfig]) -> None:
     ws = Workspace(tmp_path)
-    ws.prepared.mkdir(parents=True)
-    for split in ("train", "val"):
-        np.save(ws.prepared / f"{split}_images.npy", np.zeros((0, 16, 16, 3), dtype=np.uint8))
-        np.save(ws.prepared / f"{split}_labels.npy", np.zeros(0, dtype=np.int64))
+    empty = (np.zeros((0, 16, 16, 3), dtype=np.uint8), np.zeros(0, dtype=np.int64))
+    write_arrays(ws, {"train": empty, "val": empty})
 
     with pytest.raises(PipelineError, match="the train split is empty"):
         run_train(make_cfg(train={"device": "cpu", "weights": "none"}), ws)
@@ -304,11 +309,7 @@ def test_run_train_turns_a_bad_backbone_into_a_pipeline_error(
     tmp_path: Path, make_cfg: Callable[..., PipelineConfig]
 ) -> None:
     ws = Workspace(tmp_path)
-    ws.prepared.mkdir(parents=True)
-    images, labels = tiny_data(4, 0)
-    for split in ("train", "val"):
-        np.save(ws.prepared / f"{split}_images.npy", images)
-        np.save(ws.prepared / f"{split}_labels.npy", labels)
+    write_arrays(ws, {"train": tiny_data(4, 0), "val": tiny_data(4, 1)})
 
     with pytest.raises(PipelineError, match=r"did you mean: .*tf_efficientnet_lite0"):
         run_train(make_cfg(train={"device": "cpu", "backbone": "tf_efficientnet_lite", "weights": "none"}), ws)
