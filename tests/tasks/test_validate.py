@@ -240,7 +240,7 @@ def test_run_validate_passes_clean_data_and_builds_data_docs(
     ws = gx_workspace
     write_raw_batch(ws.raw, "b1", balanced(6), write_png)
 
-    result = run_validate(make_cfg(), ws)
+    result = run_validate(make_cfg(validate={"min_images_per_class": 3}), ws)  # a few images per class
 
     assert (result.n_images, result.n_batches, result.class_counts) == (6, 1, {"a": 3, "b": 3})
     report = read_json(ws.reports / "validate.json")
@@ -312,7 +312,8 @@ def test_run_validate_warns_on_label_drift_and_blocks_above_the_block_level(
     write_raw_batch(ws.raw, "b1", balanced(10), write_png)
     write_raw_batch(ws.raw, "b2", balanced(6, ("a",), prefix="n"), write_png)
 
-    result = run_validate(make_cfg(), ws)  # warn 0.15 by default, no block level
+    # A few images per class; label drift: warn 0.15 by default, no block level.
+    result = run_validate(make_cfg(validate={"min_images_per_class": 3}), ws)
 
     assert "label_drift:warning" in result.warnings
     warning = {w["rule"]: w for w in read_json(ws.reports / "validate.json")["warnings"]}["label_drift:warning"]
@@ -320,7 +321,7 @@ def test_run_validate_warns_on_label_drift_and_blocks_above_the_block_level(
     assert warning["rows"][-1] == "batch b2"
 
     with pytest.raises(PipelineError, match="label_drift:critical"):
-        run_validate(make_cfg(validate={"label_drift": {"warn": 0.15, "block": 0.3}}), ws)
+        run_validate(make_cfg(validate={"min_images_per_class": 3, "label_drift": {"warn": 0.15, "block": 0.3}}), ws)
 
 
 @pytest.mark.integration
