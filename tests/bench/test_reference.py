@@ -53,6 +53,7 @@ def test_parse_overrides_reads_json_values_and_nests_dotted_keys() -> None:
     }  # fmt: skip
 
 
+@pytest.mark.integration  # runs the benchmark harness in subprocesses
 def test_harness_needs_no_orchestration_stack() -> None:
     """The GPU machine has torch/timm/pydantic but no Prefect, MLflow, DVC or GX."""
     code = (
@@ -66,6 +67,7 @@ def test_harness_needs_no_orchestration_stack() -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.integration  # runs the benchmark harness in subprocesses
 def test_both_sides_train_one_epoch_and_report(tmp_path: Path) -> None:
     data = BenchData(make_split(tmp_path / "train", 64, seed=0), make_split(tmp_path / "test", 32, seed=1), 64, 32)
     opts = BenchOptions(

@@ -13,6 +13,9 @@ import pytest
 
 from tests.helpers import REPO
 
+# Each case starts a Python process that imports Prefect: real processes, not a pure core.
+pytestmark = pytest.mark.integration
+
 
 def closed_port_url() -> str:
     with socket.socket() as sock:
