@@ -19,7 +19,8 @@ from tasks.common.files import write_json
 from tasks.common.metrics import compute_metrics
 from tasks.common.stage import run_cli
 from tasks.common.workspace import Workspace
-from tasks.data.prepared import BENCHMARK, load_split, read_index
+from tasks.data.prepared import load_split, read_index
+from tasks.data.splits import BENCHMARK
 from tasks.model.network import MODEL_SPEC, load_model, predict_logits
 from tasks.model.predictions import write_predictions
 from tasks.model.trainer import resolve_device

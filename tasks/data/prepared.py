@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.common.errors import PipelineError
-from tasks.data.splits import BENCHMARK, SPLITS
 
-__all__ = ["BENCHMARK", "SPLITS"]
 INDEX_FILE = "index.csv"
 INDEX_COLUMNS = ("sha256", "split", "label", "batch_id", "path")
 CLASSES_FILE = "classes.json"
