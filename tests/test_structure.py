@@ -69,6 +69,18 @@ def test_every_module_a_stage_imports_is_one_of_its_deps(stage: str) -> None:
     assert not uncovered, f"dvc.yaml stage {stage!r} runs code it does not list as deps: {uncovered}"
 
 
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stage_lists_no_code_it_does_not_run(stage: str) -> None:
+    # A code dep outside the import closure makes the stage stale (and retrain) on edits that
+    # cannot change its outputs; the DVC-level test in tests/flows/test_retrain.py sees the same.
+    spec = STAGES[stage]
+    words = spec["cmd"].split()
+    runs = closure(module_path(words[words.index("-m") + 1]))
+    listed = {REPO / d for d in spec["deps"] if d.endswith(".py")}
+    unused = sorted(str(f.relative_to(REPO)) for f in listed - runs)
+    assert not unused, f"dvc.yaml stage {stage!r} lists code it never imports: {unused}"
+
+
 def test_the_check_sees_indirect_imports() -> None:
     # evaluate reaches tasks/common/metrics.py only through its own import: the example the
     # code-health review found missing from deps. The closure must include it.
