@@ -14,13 +14,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.helpers import REPO, make_workspace, registry_client, tiny_params, write_batch
+from tests.helpers import REPO, registry_client, tiny_params, write_batch
 
 pytestmark = pytest.mark.integration
 
@@ -93,10 +94,12 @@ def flow_runs(url: str, deployment: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def served(server: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def served(
+    server: dict, tmp_path_factory: pytest.TempPathFactory, new_workspace: Callable[..., Path]
+) -> Iterator[dict]:
     params = tiny_params()
     params["retrain"] = {"cron": None}
-    ws = make_workspace(tmp_path_factory.mktemp("continuous") / "ws", params)
+    ws = new_workspace(tmp_path_factory.mktemp("continuous") / "ws", params)
     log_path = server["home"] / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -15,7 +16,7 @@ import torch
 import yaml
 
 from tests.helpers import REPO as REPO_ROOT
-from tests.helpers import dvc, make_workspace, registry_client, store_uri, tiny_params, write_batch
+from tests.helpers import dvc, registry_client, store_uri, tiny_params, write_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -29,13 +30,13 @@ def tree_digest(root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def trained(tmp_path_factory: pytest.TempPathFactory, new_workspace: Callable[..., Path]) -> dict:
     """One full flow run shared by the assertions below (a run takes about a minute)."""
     from flows.retrain import retrain
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        ws = make_workspace(tmp_path_factory.mktemp("flow") / "ws")
+        ws = new_workspace(tmp_path_factory.mktemp("flow") / "ws")
         write_batch(ws / "landing" / "batch-001", 300, seed=1)
         landing_before = tree_digest(ws / "landing")
         result = retrain(workspace=str(ws))

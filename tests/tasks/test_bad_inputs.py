@@ -1,10 +1,16 @@
 """A generated corpus of bad inputs, one test case each.
 
-Every case lands a batch of good images plus one kind of bad input, runs the real ingest
-(git + DVC workspace) and the real validate stage (the GX checkpoint in gx/), and checks:
-the specific reason reported, that the good rows were ingested (or, when the whole batch
-is rejected, that a good batch landed beside it was), that nothing bad reached data/raw,
-that the landing zone is untouched, and that nothing was trained or registered.
+Every case lands good images plus one kind of bad input, runs the real ingest (git + DVC
+workspace) and the real validate stage (the GX checkpoint in gx/), and checks: the specific
+reason reported, that the good rows were ingested (or, when the whole batch is rejected, that
+a good batch landed beside it was), that nothing bad reached data/raw, that the landing zone
+is untouched, and that nothing was trained or registered.
+
+Cases that spoil one row share one batch (each bad row has a file name of its own, and each
+test asserts its own rows' outcome); cases that reject a whole batch share one landing zone
+(a batch each), and so do the labels.csv variants that must be read. The corpus thus costs
+three ingests and validations instead of one per case. Cases that need a history of their
+own (a second batch, another layout, a failing validation) keep their own workspace.
 
 Decision on label spelling (documented in README): surrounding whitespace and letter case
 are normalised when that names exactly one class; the note says so. Anything else unknown
@@ -16,8 +22,10 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +39,7 @@ from tasks.common.workspace import Workspace
 from tasks.data.manifest import MANIFEST_NAME, read_all_manifests
 from tasks.ingest import IngestResult, run_ingest
 from tasks.validate import run_validate
-from tests.helpers import TINY_CLASSES, make_images, make_workspace, tiny_params
+from tests.helpers import TINY_CLASSES, make_images, tiny_params
 
 pytestmark = pytest.mark.integration
 
@@ -72,12 +80,27 @@ def good_batch(ws: Path, name: str, seed: int) -> Landed:
     return batch
 
 
-@pytest.fixture
-def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+def corpus_params(**ingest: object) -> dict:
     params = tiny_params()
     params["validate"]["min_images_per_class"] = 3
-    return Workspace(make_workspace(tmp_path / "ws", params))
+    params["ingest"].update(ingest)
+    return params
+
+
+@pytest.fixture
+def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_workspace: Callable[..., Path]) -> Workspace:
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    return Workspace(new_workspace(tmp_path / "ws", corpus_params()))
+
+
+@pytest.fixture(scope="module")
+def module_ws(tmp_path_factory: pytest.TempPathFactory, new_workspace: Callable[..., Path]) -> Callable[..., Workspace]:
+    """A workspace shared by the tests of one corpus fixture."""
+
+    def make(name: str, **ingest: object) -> Workspace:
+        return Workspace(new_workspace(tmp_path_factory.mktemp(name) / "ws", corpus_params(**ingest)))
+
+    return make
 
 
 def snapshot(directory: Path) -> dict[str, bytes | None]:
@@ -118,180 +141,326 @@ def assert_quarantined(ws: Workspace, expected: list[tuple[str, str]], batch: st
     assert run_validate(load_params(ws.params), ws).n_images == total
 
 
-def assert_rejected(ws: Workspace, reason: str, batch: str = "b1") -> str:
-    """Nothing of the batch is ingested; a good batch delivered with it is."""
-    good_batch(ws.root, "b0-good", seed=99).write_labels()
-    result = ingest(ws)
-    assert result.ingested == ["b0-good"]
-    assert result.rejected[batch].startswith(f"{reason}:")
-    assert read_json(ws.quarantine / batch / "rejected.json")["reason"] == reason
-    assert not (ws.raw / batch).exists()
-    assert ingested_paths(ws, "b0-good") == good_names()
-    run_validate(load_params(ws.params), ws)
-    return result.rejected[batch]
+# ---------------------------------------------------------------- one bad row each, in one batch
+#
+# Each case adds its bad row(s) to the shared batch and returns the (path, reason) rows it
+# expects in quarantine.csv. File names and pixels are unique across cases.
+
+BadRows = list[tuple[str, str]]
 
 
-# ---------------------------------------------------------------- unreadable or disallowed files
-
-
-def test_truncated_png(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    path = b.image("cut.png", "red", size=64)
+def truncated_png(b: Landed, ws: Path) -> BadRows:
+    path = b.image("cut.png", "red", seed=101, size=64)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    b.write_labels()
-    assert_quarantined(ws, [("cut.png", "unreadable")])
+    return [("cut.png", "unreadable")]
 
 
-def test_zero_byte_file(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
+def zero_byte_file(b: Landed, ws: Path) -> BadRows:
     (b.dir / "empty.png").write_bytes(b"")
     b.row("empty.png", "red")
-    b.write_labels()
-    assert_quarantined(ws, [("empty.png", "empty_file")])
+    return [("empty.png", "empty_file")]
 
 
-def test_text_file_named_png(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
+def text_file_named_png(b: Landed, ws: Path) -> BadRows:
     (b.dir / "notes.png").write_text("this is not an image\n")
     b.row("notes.png", "red")
-    b.write_labels()
-    assert_quarantined(ws, [("notes.png", "unreadable")])
+    return [("notes.png", "unreadable")]
 
 
-def test_cmyk_jpeg(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
+def cmyk_jpeg(b: Landed, ws: Path) -> BadRows:
     Image.new("CMYK", (16, 16), (0, 50, 100, 0)).save(b.dir / "print.jpg")
     b.row("print.jpg", "red")
-    b.write_labels()
-    assert_quarantined(ws, [("print.jpg", "mode_not_allowed")])
+    return [("print.jpg", "mode_not_allowed")]
 
 
-def test_16_bit_png(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
+def sixteen_bit_png(b: Landed, ws: Path) -> BadRows:
     Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(b.dir / "deep.png")
     b.row("deep.png", "blue")
-    b.write_labels()
-    assert_quarantined(ws, [("deep.png", "mode_not_allowed")])
+    return [("deep.png", "mode_not_allowed")]
 
 
-def _frames() -> list[Image.Image]:
-    return [Image.fromarray(np.full((16, 16), 60 * i, np.uint8)) for i in range(3)]
+def _frames(offset: int) -> list[Image.Image]:
+    return [Image.fromarray(np.full((16, 16), offset + 60 * i, np.uint8)) for i in range(3)]
 
 
-def test_animated_gif(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    frames = _frames()
+def animated_gif(b: Landed, ws: Path) -> BadRows:
+    frames = _frames(0)
     frames[0].save(b.dir / "spin.gif", save_all=True, append_images=frames[1:])
     b.row("spin.gif", "green")
-    b.write_labels()
-    assert_quarantined(ws, [("spin.gif", "extension_not_allowed")])
+    return [("spin.gif", "extension_not_allowed")]
 
 
-def test_animated_gif_named_png_is_never_decoded(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    frames = _frames()
-    frames[0].save(b.dir / "spin.png", format="GIF", save_all=True, append_images=frames[1:])
-    b.row("spin.png", "green")
-    b.write_labels()
-    assert_quarantined(ws, [("spin.png", "format_not_allowed")])
+def animated_gif_named_png_is_never_decoded(b: Landed, ws: Path) -> BadRows:
+    frames = _frames(5)
+    frames[0].save(b.dir / "gifspin.png", format="GIF", save_all=True, append_images=frames[1:])
+    b.row("gifspin.png", "green")
+    return [("gifspin.png", "format_not_allowed")]
 
 
-def test_animated_png(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    frames = _frames()
-    frames[0].save(b.dir / "spin.png", save_all=True, append_images=frames[1:])
-    b.row("spin.png", "green")
-    b.write_labels()
-    assert_quarantined(ws, [("spin.png", "animated")])
+def animated_png(b: Landed, ws: Path) -> BadRows:
+    frames = _frames(10)
+    frames[0].save(b.dir / "apng.png", save_all=True, append_images=frames[1:])
+    b.row("apng.png", "green")
+    return [("apng.png", "animated")]
 
 
-def test_1x1_image(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
+def one_pixel_image(b: Landed, ws: Path) -> BadRows:
     Image.new("RGB", (1, 1)).save(b.dir / "dot.png")
     b.row("dot.png", "red")
-    b.write_labels()
-    assert_quarantined(ws, [("dot.png", "too_small")])
+    return [("dot.png", "too_small")]
 
 
-def test_decompression_bomb(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
+def decompression_bomb(b: Landed, ws: Path) -> BadRows:
     Image.new("L", (6000, 6000)).save(b.dir / "bomb.png")  # 36 Mpx of zeros: a few dozen KB on disk
     assert (b.dir / "bomb.png").stat().st_size < 200_000
     b.row("bomb.png", "red")
-    b.write_labels()
-    assert_quarantined(ws, [("bomb.png", "decompression_bomb")])
+    return [("bomb.png", "decompression_bomb")]
 
 
-def test_missing_file(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
+def missing_file(b: Landed, ws: Path) -> BadRows:
     b.row("never-delivered.png", "red")
-    b.write_labels()
-    assert_quarantined(ws, [("never-delivered.png", "missing_file")])
+    return [("never-delivered.png", "missing_file")]
 
 
-# ---------------------------------------------------------------- labels
+def unknown_label(b: Landed, ws: Path) -> BadRows:
+    b.image("purple.png", "purple", seed=102)
+    return [("purple.png", "unknown_label")]
 
 
-def test_unknown_label(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    b.image("x.png", "purple")
-    b.write_labels()
-    assert_quarantined(ws, [("x.png", "unknown_label")])
-    detail = (ws.quarantine / "b1" / "quarantine.csv").read_text()
+def blank_label(b: Landed, ws: Path) -> BadRows:
+    b.image("blank.png", "  ", seed=103)
+    return [("blank.png", "blank_label")]
+
+
+def path_traversal(b: Landed, ws: Path) -> BadRows:
+    Image.new("RGB", (16, 16)).save(ws / "landing" / "outside.png")
+    b.row("../outside.png", "red")
+    return [("../outside.png", "path_outside_batch")]
+
+
+def absolute_path(b: Landed, ws: Path) -> BadRows:
+    secret = ws / "secret.png"
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(secret)
+    b.row(str(secret), "red")
+    return [(str(secret), "path_outside_batch")]
+
+
+def symlink_out_of_the_batch(b: Landed, ws: Path) -> BadRows:
+    target = ws / "elsewhere.png"
+    Image.new("RGB", (16, 16), (4, 5, 6)).save(target)
+    (b.dir / "link.png").symlink_to(target)
+    b.row("link.png", "red")
+    return [("link.png", "path_outside_batch")]
+
+
+def duplicate_image_with_the_same_label(b: Landed, ws: Path) -> BadRows:
+    shutil.copyfile(b.dir / "good00.png", b.dir / "again.png")
+    b.row("again.png", TINY_CLASSES[0])
+    return [("again.png", "duplicate")]
+
+
+def duplicate_image_with_a_conflicting_label(b: Landed, ws: Path) -> BadRows:
+    b.image("x.png", "red", seed=500)
+    shutil.copyfile(b.dir / "x.png", b.dir / "y.png")
+    b.row("y.png", "blue")
+    # Nothing says which label is right: both rows go to quarantine.
+    return [("x.png", "label_conflict"), ("y.png", "label_conflict")]
+
+
+def image_already_in_another_split(b: Landed, ws: Path) -> BadRows:
+    # The benchmark is a held-out split: the same picture must not come back as training data.
+    bench = Landed(ws / "data" / "benchmark", [], 7)
+    held_out = bench.image("held.png", "green", seed=1)
+    bench.write_labels()
+    shutil.copyfile(held_out, b.dir / "leak.png")
+    b.row("leak.png", "green")
+    return [("leak.png", "split_leak")]
+
+
+ONE_BAD_ROW: dict[str, Callable[[Landed, Path], BadRows]] = {
+    fn.__name__: fn
+    for fn in (
+        truncated_png, zero_byte_file, text_file_named_png, cmyk_jpeg, sixteen_bit_png, animated_gif,
+        animated_gif_named_png_is_never_decoded, animated_png, one_pixel_image, decompression_bomb, missing_file,
+        unknown_label, blank_label, path_traversal, absolute_path, symlink_out_of_the_batch,
+        duplicate_image_with_the_same_label, duplicate_image_with_a_conflicting_label, image_already_in_another_split,
+    )
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_rows(module_ws: Callable[..., Workspace]) -> dict[str, Any]:
+    """One batch: the good rows, every case's bad rows, and one label to normalise. Up to 95 %
+    of it may be bad here (the fraction rule has its own case below)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DVC_NO_ANALYTICS", "1")
+        ws = module_ws("bad-rows", max_bad_fraction=0.95)
+        b = good_batch(ws.root, "b1", 1)
+        expected = {name: add(b, ws.root) for name, add in ONE_BAD_ROW.items()}
+        b.image("normal.png", " Green ", seed=104)
+        b.write_labels()
+        result = ingest(ws)
+        validation = run_validate(load_params(ws.params), ws)
+    return {"ws": ws, "result": result, "expected": expected, "validation": validation}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_BAD_ROW))
+def test_a_bad_row_is_quarantined_for_its_reason(bad_rows: dict[str, Any], case: str) -> None:
+    expected = bad_rows["expected"][case]
+    paths = {path for path, _ in expected}
+    got = [row for row in quarantine_reasons(bad_rows["ws"], "b1") if row[0] in paths]
+    assert sorted(got) == sorted(expected)
+
+
+def test_only_the_bad_rows_are_quarantined_and_the_good_ones_validate(bad_rows: dict[str, Any]) -> None:
+    ws, result = bad_rows["ws"], bad_rows["result"]
+    assert result.ingested == ["b1"] and result.rejected == {}
+    every_bad_row = sorted(row for rows in bad_rows["expected"].values() for row in rows)
+    assert sorted(quarantine_reasons(ws, "b1")) == every_bad_row
+    assert ingested_paths(ws, "b1") == sorted([*good_names(), "normal.png"])
+    assert bad_rows["validation"].n_images == GOOD + 1
+
+
+def test_an_unknown_label_names_the_allowed_ones_and_params_yaml(bad_rows: dict[str, Any]) -> None:
+    with (bad_rows["ws"].quarantine / "b1" / "quarantine.csv").open(newline="", encoding="utf-8") as fh:
+        detail = next(row["detail"] for row in csv.DictReader(fh) if row["source_path"] == "purple.png")
     assert "allowed: red, green, blue" in detail and "params.yaml" in detail
 
 
-def test_blank_label(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    b.image("x.png", "  ")
-    b.write_labels()
-    assert_quarantined(ws, [("x.png", "blank_label")])
+def test_nothing_outside_the_batch_is_copied_into_quarantine(bad_rows: dict[str, Any]) -> None:
+    files = bad_rows["ws"].quarantine / "b1" / "files"
+    copied = {p.name for p in files.rglob("*") if p.is_file()}
+    assert "cut.png" in copied  # files inside the batch are kept for inspection
+    assert not copied & {"secret.png", "outside.png", "elsewhere.png", "link.png"}
 
 
-def test_label_with_whitespace_and_other_case_is_normalised(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    b.image("x.png", " Green ")
-    b.write_labels()
-
-    result = ingest(ws)
-
-    assert result.quarantined == {} and result.notes["b1"] == [
-        "1 label(s) normalised for whitespace/case, e.g. ' Green ' -> 'green'"
-    ]
+def test_label_with_whitespace_and_other_case_is_normalised(bad_rows: dict[str, Any]) -> None:
+    ws, result = bad_rows["ws"], bad_rows["result"]
+    assert result.notes["b1"] == ["1 label(s) normalised for whitespace/case, e.g. ' Green ' -> 'green'"]
     labels = {row["source_path"]: row["label"] for row in read_all_manifests(ws.raw)}
-    assert labels["x.png"] == "green" and len(labels) == GOOD + 1
-    run_validate(load_params(ws.params), ws)
+    assert labels["normal.png"] == "green" and len(labels) == GOOD + 1
 
 
-# ---------------------------------------------------------------- paths
+# ---------------------------------------------------------------- one rejected batch each, in one landing zone
 
 
-def test_path_traversal(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    Image.new("RGB", (16, 16)).save(ws.root / "landing" / "outside.png")
-    b.row("../outside.png", "red")
+def missing_column(ws: Path) -> str:
+    good_batch(ws, "missing-column", 11).write_labels(header=("file", "label"))
+    return "missing_columns"
+
+
+def labels_csv_that_is_not_utf8(ws: Path) -> str:
+    b = good_batch(ws, "latin-1", 12)
+    b.rows.append(("good00.png", "caf\xe9"))
+    b.write_labels(encoding="latin-1")
+    return "unreadable_labels"
+
+
+def batch_without_labels(ws: Path) -> str:
+    b = good_batch(ws, "no-labels", 13)
+    assert not (b.dir / "labels.csv").exists()
+    return "no_labels"
+
+
+def empty_batch(ws: Path) -> str:
+    (ws / "landing" / "empty").mkdir(parents=True)
+    return "empty_batch"
+
+
+def too_many_bad_rows(ws: Path) -> str:
+    b = good_batch(ws, "too-many-bad", 14)
+    for i in range(4):  # 4 of 16 = 25% > max_bad_fraction 20%
+        b.row(f"missing{i}.png", "red")
     b.write_labels()
-    assert_quarantined(ws, [("../outside.png", "path_outside_batch")])
+    return "too_many_bad_rows"
 
 
-def test_absolute_path(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    secret = ws.root / "secret.png"
-    Image.new("RGB", (16, 16)).save(secret)
-    b.row(str(secret), "red")
-    b.write_labels()
-    assert_quarantined(ws, [(str(secret), "path_outside_batch")])
-    assert not (ws.quarantine / "b1" / "files").exists()  # nothing outside the batch is copied
+REJECTED: dict[str, Callable[[Path], str]] = {
+    "missing-column": missing_column,
+    "latin-1": labels_csv_that_is_not_utf8,
+    "no-labels": batch_without_labels,
+    "empty": empty_batch,
+    "too-many-bad": too_many_bad_rows,
+}
 
 
-def test_symlink_out_of_the_batch(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    target = ws.root / "elsewhere.png"
-    Image.new("RGB", (16, 16)).save(target)
-    (b.dir / "link.png").symlink_to(target)
-    b.row("link.png", "red")
-    b.write_labels()
-    assert_quarantined(ws, [("link.png", "path_outside_batch")])
+@pytest.fixture(scope="module")
+def rejected(module_ws: Callable[..., Workspace]) -> dict[str, Any]:
+    """Every rejected batch of the corpus, landed beside one good batch (the default 20 % rule)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DVC_NO_ANALYTICS", "1")
+        ws = module_ws("rejected")
+        reasons = {batch: land(ws.root) for batch, land in REJECTED.items()}
+        good_batch(ws.root, "b0-good", seed=99).write_labels()
+        result = ingest(ws)
+        validation = run_validate(load_params(ws.params), ws)
+    return {"ws": ws, "result": result, "reasons": reasons, "validation": validation}
+
+
+@pytest.mark.parametrize("batch", sorted(REJECTED))
+def test_a_broken_batch_is_rejected_whole_for_its_reason(rejected: dict[str, Any], batch: str) -> None:
+    ws, reason = rejected["ws"], rejected["reasons"][batch]
+    assert rejected["result"].rejected[batch].startswith(f"{reason}:")
+    assert read_json(ws.quarantine / batch / "rejected.json")["reason"] == reason
+    assert not (ws.raw / batch).exists()
+
+
+def test_the_good_batch_beside_rejected_ones_is_ingested(rejected: dict[str, Any]) -> None:
+    ws, result = rejected["ws"], rejected["result"]
+    assert result.ingested == ["b0-good"]
+    assert sorted(result.rejected) == sorted(REJECTED)
+    assert ingested_paths(ws, "b0-good") == good_names()
+    assert rejected["validation"].n_images == GOOD
+
+
+def test_rejection_messages_say_what_is_wrong(rejected: dict[str, Any]) -> None:
+    why = rejected["result"].rejected
+    assert "lacks column(s) ['path']" in why["missing-column"]
+    assert "labels.csv" in why["no-labels"]
+    assert "4 of 16 rows are bad (25% > max_bad_fraction 20%): missing_file 4" in why["too-many-bad"]
+    assert len(quarantine_reasons(rejected["ws"], "too-many-bad")) == 4  # the per-row reasons are still there
+
+
+# ---------------------------------------------------------------- labels.csv variants to read, in one landing zone
+
+
+@pytest.fixture(scope="module")
+def variants(module_ws: Callable[..., Workspace]) -> dict[str, Any]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DVC_NO_ANALYTICS", "1")
+        ws = module_ws("variants")
+        good_batch(ws.root, "bom", 21).write_labels(encoding="utf-8-sig")
+        good_batch(ws.root, "crlf", 22).write_labels(newline="\r\n")
+        extra = good_batch(ws.root, "extra-column", 23)
+        extra.rows = [(path, label, "alice") for path, label in extra.rows]
+        extra.write_labels(header=("path", "label", "annotator"))
+        result = ingest(ws)
+    return {"ws": ws, "result": result}
+
+
+def test_labels_csv_with_bom_is_read(variants: dict[str, Any]) -> None:
+    ws, result = variants["ws"], variants["result"]
+    assert (ws.landing / "bom" / "labels.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    assert "bom" in result.ingested and "bom" not in result.quarantined and ingested_paths(ws, "bom") == good_names()
+
+
+def test_labels_csv_with_crlf_is_read(variants: dict[str, Any]) -> None:
+    ws, result = variants["ws"], variants["result"]
+    assert b"\r\n" in (ws.landing / "crlf" / "labels.csv").read_bytes()
+    assert "crlf" in result.ingested and "crlf" not in result.quarantined
+    assert ingested_paths(ws, "crlf") == good_names()
+    labels = {row["label"] for row in read_all_manifests(ws.raw) if row["batch_id"] == "crlf"}
+    assert labels == set(TINY_CLASSES)  # no stray "\r"
+
+
+def test_labels_csv_with_extra_columns_ignores_them(variants: dict[str, Any]) -> None:
+    ws, result = variants["ws"], variants["result"]
+    assert "extra-column" in result.ingested and ingested_paths(ws, "extra-column") == good_names()
+    assert result.notes["extra-column"] == ["ignored extra column(s) in labels.csv: ['annotator']"]
+    assert "bom" not in result.notes and "crlf" not in result.notes
+
+
+# ---------------------------------------------------------------- cases with a workspace of their own
 
 
 def test_non_utf8_file_name(ws: Workspace) -> None:
@@ -311,27 +480,6 @@ def test_non_utf8_file_name(ws: Workspace) -> None:
     run_validate(load_params(ws.params), ws)
 
 
-# ---------------------------------------------------------------- duplicates, conflicts, leaks
-
-
-def test_duplicate_image_with_the_same_label(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    shutil.copyfile(b.dir / "good00.png", b.dir / "again.png")
-    b.row("again.png", TINY_CLASSES[0])
-    b.write_labels()
-    assert_quarantined(ws, [("again.png", "duplicate")])
-
-
-def test_duplicate_image_with_a_conflicting_label(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    b.image("x.png", "red", seed=500)
-    shutil.copyfile(b.dir / "x.png", b.dir / "y.png")
-    b.row("y.png", "blue")
-    b.write_labels()
-    # Nothing says which label is right: both rows go to quarantine.
-    assert_quarantined(ws, [("x.png", "label_conflict"), ("y.png", "label_conflict")])
-
-
 def test_re_encoded_copy_of_an_ingested_image_with_another_label(ws: Workspace) -> None:
     first = good_batch(ws.root, "b1", 1)
     first.write_labels()
@@ -343,82 +491,6 @@ def test_re_encoded_copy_of_an_ingested_image_with_another_label(ws: Workspace) 
     b2.write_labels()
     assert_quarantined(ws, [("copy.png", "label_conflict")], batch="b2", total=2 * GOOD)
     assert "is 'red' in b1/good00.png" in (ws.quarantine / "b2" / "quarantine.csv").read_text()
-
-
-def test_image_already_in_another_split(ws: Workspace) -> None:
-    # The benchmark is a held-out split: the same picture must not come back as training data.
-    bench = Landed(ws.benchmark, [], 7)
-    held_out = bench.image("held.png", "green", seed=1)
-    bench.write_labels()
-    b = good_batch(ws.root, "b1", 1)
-    shutil.copyfile(held_out, b.dir / "leak.png")
-    b.row("leak.png", "green")
-    b.write_labels()
-    assert_quarantined(ws, [("leak.png", "split_leak")])
-
-
-# ---------------------------------------------------------------- labels.csv variants
-
-
-def test_labels_csv_with_bom_is_read(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    b.write_labels(encoding="utf-8-sig")
-    assert (b.dir / "labels.csv").read_bytes().startswith(b"\xef\xbb\xbf")
-    result = ingest(ws)
-    assert result.ingested == ["b1"] and result.quarantined == {} and ingested_paths(ws, "b1") == good_names()
-
-
-def test_labels_csv_with_crlf_is_read(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    b.write_labels(newline="\r\n")
-    assert b"\r\n" in (b.dir / "labels.csv").read_bytes()
-    result = ingest(ws)
-    assert result.ingested == ["b1"] and result.quarantined == {} and ingested_paths(ws, "b1") == good_names()
-    assert {row["label"] for row in read_all_manifests(ws.raw)} == set(TINY_CLASSES)  # no stray "\r"
-
-
-def test_labels_csv_with_extra_columns_ignores_them(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    b.rows = [(path, label, "alice") for path, label in b.rows]
-    b.write_labels(header=("path", "label", "annotator"))
-    result = ingest(ws)
-    assert result.ingested == ["b1"] and ingested_paths(ws, "b1") == good_names()
-    assert result.notes["b1"] == ["ignored extra column(s) in labels.csv: ['annotator']"]
-
-
-def test_labels_csv_with_a_missing_column(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    b.write_labels(header=("file", "label"))
-    assert "lacks column(s) ['path']" in assert_rejected(ws, "missing_columns")
-
-
-def test_labels_csv_that_is_not_utf8(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    b.rows.append(("good00.png", "caf\xe9"))
-    b.write_labels(encoding="latin-1")
-    assert_rejected(ws, "unreadable_labels")
-
-
-def test_batch_without_labels(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    assert not (b.dir / "labels.csv").exists()
-    assert "labels.csv" in assert_rejected(ws, "no_labels")
-
-
-def test_empty_batch(ws: Workspace) -> None:
-    (ws.root / "landing" / "b1").mkdir(parents=True)
-    assert_rejected(ws, "empty_batch")
-
-
-def test_batch_with_too_many_bad_rows(ws: Workspace) -> None:
-    b = good_batch(ws.root, "b1", 1)
-    for i in range(4):  # 4 of 16 = 25% > max_bad_fraction 20%
-        b.row(f"missing{i}.png", "red")
-    b.write_labels()
-    assert "4 of 16 rows are bad (25% > max_bad_fraction 20%): missing_file 4" in assert_rejected(
-        ws, "too_many_bad_rows"
-    )
-    assert len(quarantine_reasons(ws, "b1")) == 4  # the per-row reasons are still there to read
 
 
 # ---------------------------------------------------------------- dataset-level expectations
