@@ -29,7 +29,7 @@ uv:
 	@$(UV) --version
 
 setup: uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 
 # The demo's data: Debian's dataset-fashion-mnist when missing and we are root; otherwise
 # tasks.data.fashion_mnist explains how to get it (apt, or torchvision's download with internet).
@@ -40,7 +40,7 @@ data:
 	fi
 
 demo: setup data
-	$(UV) run python -m flows.demo
+	$(UV) run ctl demo
 
 # The full suite: unit tests plus integration tests of the real stack. The 15 slowest are listed
 # at the end (CI prints them too).
@@ -58,10 +58,10 @@ format: setup
 	$(UV) run ruff check --fix . && $(UV) run ruff format .
 
 up: setup
-	$(UV) run python -m flows.server up --port $(PREFECT_PORT)
+	$(UV) run ctl up --port $(PREFECT_PORT)
 
 down:
-	$(UV) run python -m flows.server down
+	$(UV) run ctl down
 
 # Benchmark (bench/run.py): the loop the tutorials teach (bench/reference.py: resnet18, PIL per
 # sample, Resize 224) vs our training core as params.yaml configures it, same images, same epochs,

@@ -183,12 +183,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", server.DEFAULT_PORT)))
     parser.add_argument("--once", action="store_true", help="no services: run the retrain flow once, directly")
     args = parser.parse_args()
+    run_demo(Workspace(Path(args.workspace).resolve()), args.port, args.once)
+
+
+def run_demo(ws: Workspace, port: int, once: bool = False) -> None:
+    """With services (as ``make demo``), or ``once``: the retrain flow directly, no services."""
     setup_cli_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    ws = Workspace(Path(args.workspace).resolve())
     started = time.monotonic()
     try:
-        if args.once:
+        if once:
             from flows.retrain import retrain
 
             seed(ws, 1)
@@ -197,7 +201,7 @@ def main() -> None:
             print(registry_summary(ws))
             url = None
         else:
-            url = run_with_services(ws, args.port)
+            url = run_with_services(ws, port)
     except PipelineError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

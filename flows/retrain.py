@@ -134,12 +134,18 @@ def main() -> None:
     parser.add_argument("--workspace", default=".", help="the git + DVC repository to run in (default: .)")
     parser.add_argument("--skip-ingest", action="store_true", help="do not look at the landing zone")
     args = parser.parse_args()
+    result = run_once(Workspace(Path(args.workspace).resolve()), args.skip_ingest)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def run_once(ws: Workspace, skip_ingest: bool = False) -> dict[str, Any]:
+    """The flow once, from a command line: a configured server must answer (without one,
+    Prefect starts a temporary API)."""
     from flows.server import api_url, require_api
 
-    if api_url():  # a configured server must answer; without one Prefect starts a temporary API
+    if api_url():
         require_api()
-    result = retrain(workspace=args.workspace, skip_ingest=args.skip_ingest)
-    print(json.dumps(result, indent=2, default=str))
+    return retrain(workspace=str(ws.root), skip_ingest=skip_ingest)
 
 
 if __name__ == "__main__":

@@ -82,10 +82,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run one watch-landing tick.")
     parser.add_argument("--workspace", default=".")
     args = parser.parse_args()
+    print(json.dumps(run_tick(Workspace(Path(args.workspace).resolve())), indent=2))
+
+
+def run_tick(ws: Workspace) -> dict[str, Any]:
+    """One tick from a command line, against the configured server (which must answer)."""
     from flows.server import require_api
 
     require_api()
-    print(json.dumps(watch_landing(workspace=args.workspace), indent=2))
+    return watch_landing(workspace=str(ws.root))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,24 @@ from tasks.common.workspace import Workspace
 from tasks.registry.aliases import format_history, read_audit, registry_status, rollback
 
 
+def format_status(ws: Workspace) -> str:
+    """One line per registered version: aliases, the gate's verdict, the batches it saw."""
+    rows = registry_status(load_params(ws.params), ws)
+    return "\n".join(
+        f"v{row['version']:<4} {', '.join(row['aliases']) or '-':<28} gate={row['verdict']:<8} batches={row['batches']}"
+        for row in rows
+    )
+
+
+def format_audit(ws: Workspace) -> str:
+    return format_history(read_audit(ws))
+
+
+def rollback_champion(ws: Workspace, reason: str, to_version: str | None = None) -> str:
+    entry = rollback(load_params(ws.params), ws, reason, to_version)
+    return f"champion of {entry.model}: v{entry.from_version} -> v{entry.to_version}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Registry status, audit history and rollback.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,16 +49,12 @@ def main() -> None:
     setup_cli_logging()
     ws = Workspace(Path.cwd())
     try:
-        cfg = load_params(ws.params)
         if args.command == "status":
-            for row in registry_status(cfg, ws):
-                aliases = ", ".join(row["aliases"]) or "-"
-                print(f"v{row['version']:<4} {aliases:<28} gate={row['verdict']:<8} batches={row['batches']}")
+            print(format_status(ws))
         elif args.command == "history":
-            print(format_history(read_audit(ws)))
+            print(format_audit(ws))
         else:
-            entry = rollback(cfg, ws, args.reason, args.to_version)
-            print(f"champion of {entry.model}: v{entry.from_version} -> v{entry.to_version}")
+            print(rollback_champion(ws, args.reason, args.to_version))
     except PipelineError as exc:
         raise SystemExit(f"error: promote: {exc}") from None
 

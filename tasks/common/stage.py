@@ -22,6 +22,10 @@ log = logging.getLogger("tasks")
 #: tasks/<name>.py modules and Prefect task names.
 DVC_STAGES: tuple[str, ...] = ("validate", "prepare", "train", "evaluate")
 
+#: The steps with a ``tasks/<name>.py`` command of their own (``ctl stage NAME``); gate and
+#: promote run inside the retrain flow, and promote's registry commands are ``ctl status`` & co.
+STEPS: tuple[str, ...] = ("ingest", *DVC_STAGES, "register")
+
 #: The flow sets this variable to a file path; the stage writes its ``StageOutcome`` there as
 #: JSON. No file after ``dvc repro`` means DVC skipped the stage (nothing changed).
 RESULT_ENV = "CTL_STAGE_RESULT"

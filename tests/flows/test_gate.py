@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import yaml
 
 from tasks.common.config import load_params
 from tasks.common.workspace import Workspace
-from tests.helpers import TINY_CLASSES, make_workspace, registry_client, tiny_params, write_batch
+from tests.helpers import TINY_CLASSES, registry_client, tiny_params, write_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -45,12 +46,12 @@ def aliases(ws: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def story(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def story(tmp_path_factory: pytest.TempPathFactory, new_workspace: Callable[..., Path]) -> dict:
     from flows.retrain import retrain
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        ws = make_workspace(tmp_path_factory.mktemp("gate") / "ws")
+        ws = new_workspace(tmp_path_factory.mktemp("gate") / "ws")
         write_batch(ws / "landing" / "batch-001", 300, seed=3)
         steps: dict = {}
         set_train(ws, **MODERATE)
@@ -169,3 +170,8 @@ def test_status_and_history_cli(story: dict) -> None:
         [sys.executable, "-m", "tasks.promote", "history"], cwd=ws, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert [line.split()[1] for line in history] == ["promote", "promote", "reject", "rollback"]
+    # The console script says the same, from any directory.
+    ctl = str(Path(sys.executable).with_name("ctl"))
+    for command, expected in (("status", status), ("history", "\n".join(history) + "\n")):
+        out = subprocess.run([ctl, command, "-w", str(ws)], capture_output=True, text=True, check=True).stdout
+        assert out == expected

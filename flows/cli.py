@@ -1,0 +1,196 @@
+"""``ctl``: the pipeline's console script (``pyproject.toml`` [project.scripts]).
+
+One entry point for what the modules' ``python -m`` commands do, which keep working:
+
+    ctl demo [--once]            the embedded Fashion-MNIST demo (what ``make demo`` runs)
+    ctl up | down | check        the local Prefect server and the served deployments
+    ctl retrain [--skip-ingest]  the retrain flow once
+    ctl watch                    one watch-landing tick
+    ctl stage NAME               one pipeline step, as DVC runs it (ingest, validate, ...)
+    ctl status | history         registry versions and aliases; every alias change
+    ctl rollback --reason "..."  champion back to previous (or --to-version N)
+
+Every command takes ``--workspace`` (default: the current directory). Heavy imports (torch,
+Prefect, MLflow) happen inside the commands, so ``ctl --help`` answers at once. A user error
+is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tasks.common.errors import PipelineError
+from tasks.common.stage import STEPS
+
+app = typer.Typer(
+    name="ctl",
+    help="Continuous transfer learning of image classifiers: Prefect + DVC + Great Expectations + timm + MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Workspace_ = Annotated[
+    Path,
+    typer.Option("--workspace", "-w", help="the git + DVC repository to work in", file_okay=False, resolve_path=True),
+]
+Port = Annotated[int, typer.Option(help="Prefect server port on 127.0.0.1 (env PREFECT_PORT)")]
+DEFAULT_PORT = int(os.environ.get("PREFECT_PORT", "4200"))
+
+
+@contextmanager
+def user_errors(what: str) -> Iterator[None]:
+    """A ``PipelineError`` is the user's to fix: one line on stderr, exit code 2, no traceback."""
+    try:
+        yield
+    except PipelineError as exc:
+        typer.echo(f"error: {what}: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def workspace(path: Path) -> Any:
+    from tasks.common.workspace import Workspace
+
+    if not path.is_dir():
+        typer.echo(f"error: workspace {path} is not a directory", err=True)
+        raise typer.Exit(2)
+    return Workspace(path)
+
+
+def in_workspace(path: Path, fn: Callable[[], object]) -> object:
+    """Run ``fn`` with the workspace as the working directory, as ``python -m`` would."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        return fn()
+    finally:
+        os.chdir(previous)
+
+
+@app.command()
+def demo(
+    ws: Workspace_ = Path("."),
+    port: Port = DEFAULT_PORT,
+    once: Annotated[bool, typer.Option(help="no services: run the retrain flow once, directly")] = False,
+) -> None:
+    """The embedded demo: Fashion-MNIST lands in batches and the deployments do the rest."""
+    from flows import demo as demo_flow
+
+    demo_flow.run_demo(workspace(ws), port, once)
+
+
+@app.command()
+def up(
+    ws: Workspace_ = Path("."),
+    port: Port = DEFAULT_PORT,
+    interval: Annotated[int | None, typer.Option(help="override params.yaml watch.interval_s")] = None,
+) -> None:
+    """Start a Prefect server on 127.0.0.1 and serve the watch-landing and retrain deployments."""
+    from flows import server
+
+    with user_errors("up"):
+        url = server.up(workspace(ws), port, interval)
+    typer.echo(f"Prefect server and deployments running. UI: {url.removesuffix('/api')}")
+    typer.echo(f"export PREFECT_API_URL={url}   # to run flows against it")
+
+
+@app.command()
+def down(ws: Workspace_ = Path(".")) -> None:
+    """Stop exactly the processes ``ctl up`` started."""
+    from flows import server
+
+    with user_errors("down"):
+        typer.echo("stopped: " + (", ".join(server.down(workspace(ws))) or "nothing was running"))
+
+
+@app.command()
+def check() -> None:
+    """Say whether the configured Prefect API answers."""
+    from flows import server
+
+    with user_errors("check"):
+        typer.echo(f"Prefect API answers at {server.require_api()}")
+
+
+@app.command()
+def retrain(
+    ws: Workspace_ = Path("."),
+    skip_ingest: Annotated[bool, typer.Option(help="do not look at the landing zone")] = False,
+) -> None:
+    """Run the retrain flow once: ingest, the DVC stages, register, gate, promote."""
+    from flows import retrain as retrain_flow
+
+    with user_errors("retrain"):
+        result = retrain_flow.run_once(workspace(ws), skip_ingest)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def watch(ws: Workspace_ = Path(".")) -> None:
+    """Run one watch-landing tick against the configured Prefect server."""
+    from flows import watch as watch_flow
+
+    with user_errors("watch"):
+        result = watch_flow.run_tick(workspace(ws))
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(STEPS)}")],
+    ws: Workspace_ = Path("."),
+) -> None:
+    """Run one pipeline step as its ``python -m tasks.<name>`` command does. The DVC stages'
+    commands are those; ``dvc repro NAME`` runs one and records it in dvc.lock."""
+    if name not in STEPS:
+        typer.echo(f"error: stage: unknown step {name!r}; supported: {', '.join(STEPS)}", err=True)
+        raise typer.Exit(2)
+    module = importlib.import_module(f"tasks.{name}")
+    in_workspace(workspace(ws).root, module.main)
+
+
+@app.command()
+def status(ws: Workspace_ = Path(".")) -> None:
+    """Registered versions, their aliases and the gate's verdict on each."""
+    from tasks import promote
+
+    with user_errors("status"):
+        typer.echo(promote.format_status(workspace(ws)))
+
+
+@app.command()
+def history(ws: Workspace_ = Path(".")) -> None:
+    """Every alias change (promote, reject, rollback), oldest first."""
+    from tasks import promote
+
+    with user_errors("history"):
+        typer.echo(promote.format_audit(workspace(ws)))
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="why (recorded in the audit log)")],
+    to_version: Annotated[str | None, typer.Option(help="default: the version with alias 'previous'")] = None,
+    ws: Workspace_ = Path("."),
+) -> None:
+    """Move the champion back to the previous version (or to --to-version)."""
+    from tasks import promote
+
+    with user_errors("rollback"):
+        typer.echo(promote.rollback_champion(workspace(ws), reason, to_version))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
