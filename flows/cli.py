@@ -11,8 +11,10 @@ One entry point for what the modules' ``python -m`` commands do, which keep work
     ctl rollback --reason "..."  champion back to previous (or --to-version N)
 
 Every command takes ``--workspace`` (default: the current directory). Heavy imports (torch,
-Prefect, MLflow) happen inside the commands, so ``ctl --help`` answers at once. A user error
-is one line on stderr and exit code 2.
+Prefect, MLflow) happen inside the commands, so ``ctl --help`` answers at once, and so the
+environment is settled before Prefect reads it: no telemetry, and a run without services keeps
+its temporary Prefect API's state in the workspace. A user error is one line on stderr and
+exit code 2.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +47,32 @@ Workspace_ = Annotated[
 ]
 Port = Annotated[int, typer.Option(help="Prefect server port on 127.0.0.1 (env PREFECT_PORT)")]
 DEFAULT_PORT = int(os.environ.get("PREFECT_PORT", "4200"))
+
+#: Unless the environment says otherwise: no usage reports from Prefect's server (offline they
+#: only log "Failed to send telemetry" errors), DVC, or anything honouring DO_NOT_TRACK.
+QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1"}
+
+
+@app.callback()
+def quiet() -> None:
+    """Runs before every command, before anything imports Prefect."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def contain_local_run(ws: Any) -> None:
+    """A run without a Prefect server starts a temporary API, whose database lives under
+    PREFECT_HOME (default ~/.prefect, shared with any server started there): keep it in the
+    workspace instead, and say so. Must run before Prefect is imported."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    # The first start creates and migrates the database: more than Prefect's 20 s on a small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if os.environ.get("PREFECT_HOME"):
+        return
+    ws.local_prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+    os.environ["PREFECT_HOME"] = str(ws.local_prefect_home)
+    typer.echo(f"no PREFECT_API_URL: this run's Prefect state is kept in {ws.local_prefect_home}", err=True)
 
 
 @contextmanager
@@ -82,9 +111,12 @@ def demo(
     once: Annotated[bool, typer.Option(help="no services: run the retrain flow once, directly")] = False,
 ) -> None:
     """The embedded demo: Fashion-MNIST lands in batches and the deployments do the rest."""
+    root = workspace(ws)
+    if once:
+        contain_local_run(root)
     from flows import demo as demo_flow
 
-    demo_flow.run_demo(workspace(ws), port, once)
+    demo_flow.run_demo(root, port, once)
 
 
 @app.command()
@@ -125,11 +157,25 @@ def retrain(
     ws: Workspace_ = Path("."),
     skip_ingest: Annotated[bool, typer.Option(help="do not look at the landing zone")] = False,
 ) -> None:
-    """Run the retrain flow once: ingest, the DVC stages, register, gate, promote."""
+    """Run the retrain flow once: ingest, the DVC stages, register, gate, promote. Against the
+    server in PREFECT_API_URL when set, else on a temporary API whose state stays in the workspace."""
+    root = workspace(ws)
+    contain_local_run(root)
+    from prefect.exceptions import TerminationSignal
+
     from flows import retrain as retrain_flow
+    from flows.stages import StageFailed
 
     with user_errors("retrain"):
-        result = retrain_flow.run_once(workspace(ws), skip_ingest)
+        try:
+            result = retrain_flow.run_once(root, skip_ingest)
+        except StageFailed as exc:  # the stage's own message; its log holds any traceback
+            typer.echo(f"error: retrain: {exc}", err=True)
+            raise typer.Exit(2 if exc.kind == "user" else 1) from None
+        except (TerminationSignal, KeyboardInterrupt) as exc:
+            number = getattr(exc, "signal", signal.SIGINT)
+            typer.echo(f"retrain stopped by {signal.Signals(number).name}; the run is marked Crashed", err=True)
+            raise typer.Exit(128 + number) from None
     typer.echo(json.dumps(result, indent=2, default=str))
 
 

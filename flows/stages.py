@@ -7,6 +7,7 @@ retried."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -97,9 +98,32 @@ def dvc_stage_env() -> dict[str, str]:
     return env
 
 
+#: How long a stage's processes get to exit after SIGTERM before they are killed.
+STOP_GRACE_S = 10.0
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the stage's whole process group (dvc and the stage command it started), then
+    SIGKILL to whatever is left after ``STOP_GRACE_S``."""
+    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_dvc_stage(stage: str, workspace: str) -> dict[str, Any]:
     """``dvc repro --single-item <stage>``, streaming its output into the Prefect log; the
-    stage's outcome file says whether it ran and how it ended."""
+    stage's outcome file says whether it ran and how it ended.
+
+    The stage runs in a process group of its own: when this run is stopped (SIGTERM, Ctrl-C,
+    a cancellation), the group is stopped with it instead of running on unseen, holding DVC's
+    lock, while this process waits for it."""
     logger = get_run_logger()
     ws = Workspace(Path(workspace))
     ws.stage_results.mkdir(parents=True, exist_ok=True)
@@ -110,13 +134,19 @@ def run_dvc_stage(stage: str, workspace: str) -> dict[str, Any]:
     output: list[str] = []
     try:
         with subprocess.Popen(
-            cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                output.append(line.rstrip("\n"))
-                if line.strip():
-                    logger.info(line.rstrip())
+            cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        ) as proc:  # fmt: skip
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    output.append(line.rstrip("\n"))
+                    if line.strip():
+                        logger.info(line.rstrip())
+            except BaseException:
+                logger.warning("%s: stopping its processes (dvc pid %s)", stage, proc.pid)
+                stop_process_group(proc)
+                raise
         outcome = StageOutcome.read(result_file) if result_file.is_file() else None
     finally:
         result_file.unlink(missing_ok=True)

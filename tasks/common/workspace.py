@@ -139,6 +139,12 @@ class Workspace:
     def services(self) -> Path:
         return self.cache / "services"
 
+    @property
+    def local_prefect_home(self) -> Path:
+        """PREFECT_HOME of a run without services (no PREFECT_API_URL): its temporary API's
+        database stays in the workspace instead of sharing ~/.prefect with a running server."""
+        return self.cache / "prefect-local"
+
 
 @contextmanager
 def workspace_lock(ws: Workspace, name: str, blocking: bool = True) -> Iterator[None]:
