@@ -22,16 +22,16 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from tasks.common.errors import PipelineError
 from tasks.common.stage import STEPS
+from tasks.common.workspace import Workspace
 
 app = typer.Typer(
     name="ctl",
@@ -60,7 +60,7 @@ def quiet() -> None:
         os.environ.setdefault(key, value)
 
 
-def contain_local_run(ws: Any) -> None:
+def contain_local_run(ws: Workspace) -> None:
     """A run without a Prefect server starts a temporary API, whose database lives under
     PREFECT_HOME (default ~/.prefect, shared with any server started there): keep it in the
     workspace instead, and say so. Must run before Prefect is imported."""
@@ -85,9 +85,7 @@ def user_errors(what: str) -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def workspace(path: Path) -> Any:
-    from tasks.common.workspace import Workspace
-
+def workspace(path: Path) -> Workspace:
     if not path.is_dir():
         typer.echo(f"error: workspace {path} is not a directory", err=True)
         raise typer.Exit(2)
@@ -161,8 +159,6 @@ def retrain(
     server in PREFECT_API_URL when set, else on a temporary API whose state stays in the workspace."""
     root = workspace(ws)
     contain_local_run(root)
-    from prefect.exceptions import TerminationSignal
-
     from flows import retrain as retrain_flow
     from flows.stages import StageFailed
 
@@ -172,10 +168,6 @@ def retrain(
         except StageFailed as exc:  # the stage's own message; its log holds any traceback
             typer.echo(f"error: retrain: {exc}", err=True)
             raise typer.Exit(2 if exc.kind == "user" else 1) from None
-        except (TerminationSignal, KeyboardInterrupt) as exc:
-            number = getattr(exc, "signal", signal.SIGINT)
-            typer.echo(f"retrain stopped by {signal.Signals(number).name}; the run is marked Crashed", err=True)
-            raise typer.Exit(128 + number) from None
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
