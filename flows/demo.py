@@ -144,7 +144,9 @@ def next_steps(ws: Workspace, url: str | None) -> str:
     return f"""
 Where to look next:
 {ui}  MLflow UI:        uv run mlflow ui --backend-store-uri {tracking_uri(ws)}   (http://127.0.0.1:5000)
-  Load the model:   mlflow.pytorch.load_model("models:/{name}@champion")
+  Predict:          uv run ctl predict IMAGES... --out predictions.csv   (the champion; --model VERSION)
+  Serve over HTTP:  MLFLOW_TRACKING_URI={tracking_uri(ws)} \\
+                    uv run mlflow models serve -m models:/{name}@champion --env-manager local -p 5001
   DVC metrics:      uv run dvc metrics show
   DVC plots:        uv run dvc plots show   (writes dvc_plots/index.html)
   Reproduce:        uv run dvc repro        (nothing to do when inputs are unchanged)

@@ -17,8 +17,8 @@ from tasks.common.errors import PipelineError
 from tasks.common.files import read_json
 from tasks.common.stage import run_cli
 from tasks.common.workspace import Workspace
-from tasks.data.prepared import image_shape
 from tasks.model.network import MODEL_SPEC
+from tasks.model.serving import DEFAULT_TOP_K
 from tasks.registry.lineage import check_outputs_current, collect_lineage, flatten
 from tasks.registry.tracking import CHALLENGER, default_artifact_location, mlflow_tracking, tracking_uri
 
@@ -81,19 +81,9 @@ def _logged_run(client: Any, experiment_id: str, lock_hash: str) -> tuple[str, s
 def _log_run(cfg: PipelineConfig, ws: Workspace, experiment_id: str, lineage: dict[str, str]) -> tuple[str, str]:
     """An MLflow run with params, metrics, reports and the model; returns (run id, model uri)."""
     import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
 
-    from tasks.model.network import load_model
-
-    model, _ = load_model(ws.models)
     metrics = read_json(ws.metrics)
     train = read_json(ws.train_report)
-    size = image_shape(ws.prepared)[0]
-    example = np.zeros((2, size, size, 3), dtype=np.uint8)
-    with torch.inference_mode():
-        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"retrain-{lineage['dvc_data_hash'][:8]}") as run:
         mlflow.log_params(flatten("", cfg.model_dump(mode="json", by_alias=True)))
         mlflow.log_metrics({f"{split}_{k}": float(v) for split, m in metrics.items() for k, v in m.items()})
@@ -103,23 +93,40 @@ def _log_run(cfg: PipelineConfig, ws: Workspace, experiment_id: str, lineage: di
         for path in (ws.train_history, ws.validate_report, ws.params, ws.dvc_lock):
             if path.is_file():
                 mlflow.log_artifact(str(path), "pipeline")
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example,
-            # torch.export's format: the registry holds a graph, not a pickle of our classes.
-            serialization_format="pt2",
-            pip_requirements=_requirements(),
-        )
+        info = log_classifier(cfg, ws)
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # last: the run is complete
     return run.info.run_id, info.model_uri
+
+
+def log_classifier(cfg: PipelineConfig, ws: Workspace) -> Any:
+    """The pyfunc model (tasks/model/serving.py): encoded images in, class names out, with the
+    saved weights, the decoding of the prepare stage and this workspace's ``tasks`` code."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from tasks.model.serving import MODEL_ARTIFACT, Decoding, ImageClassifierModel, example_input, model_config
+
+    decoding = Decoding(cfg.prepare.image_size, cfg.validate_.formats, cfg.validate_.max_pixels)
+    example, params = example_input(cfg.prepare.image_size), {"top_k": DEFAULT_TOP_K}
+    output = ImageClassifierModel(decoding, cfg.evaluate.batch_size).load(ws.models).predict(None, example, params)
+    code = ws.root / "tasks" if (ws.root / "tasks").is_dir() else Path(__file__).parent
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(code / "model" / "pyfunc_entry.py"),
+        model_config=model_config(decoding, cfg.evaluate.batch_size),
+        artifacts={MODEL_ARTIFACT: str(ws.models)},
+        code_paths=[str(code)],
+        signature=infer_signature(example, output, params),
+        input_example=(example, params),
+        pip_requirements=_requirements(),
+    )
 
 
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "timm", "numpy", "safetensors")]
+    packages = ("torch", "torchvision", "timm", "numpy", "safetensors", "pillow", "pandas", "pydantic", "pyyaml")
+    return [f"{pkg}=={version(pkg)}" for pkg in packages]
 
 
 def run_register(cfg: PipelineConfig, ws: Workspace) -> RegisterResult:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -99,9 +99,15 @@ def _check_header(img: Image.Image, size: int, cfg: ValidateConfig) -> dict[str,
     return {"width": width, "height": height, "format": img.format, "mode": img.mode, "channels": bands, "bytes": size}
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(img, dtype=np.uint8)
+def decode_image(source: Path | IO[bytes], size: int) -> np.ndarray:
+    """A file (or an open stream of one) as the uint8 RGB array, ``size`` x ``size``, that the
+    model is trained on. Prediction calls this too, so serving preprocesses exactly as training."""
+    with Image.open(source) as img:
+        return to_stored_pixels(img, size)
+
+
+def to_stored_pixels(img: Image.Image, size: int) -> np.ndarray:
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
