@@ -178,7 +178,7 @@ def trained_version(workspace: str, data_hash: str) -> str | None:
 
 @task(name="gate", **IO_RETRIES)
 def gate(workspace: str, version: str) -> dict[str, Any]:
-    """Challenger vs champion on the same test split; the report, not the models, comes back."""
+    """Challenger vs champion on the same images (gate.judge_on); the report, not the models, comes back."""
     from tasks.gate import run_gate
     from tasks.registry.rules import per_class_rows, render_markdown
 
@@ -201,3 +201,12 @@ def promote(workspace: str, version: str, verdict: str, reasons: str, numbers: d
 
     ws = Workspace(Path(workspace))
     return asdict(apply_verdict(load_params(ws.params), ws, version, verdict, reasons, numbers))
+
+
+@task(name="decide", **IO_RETRIES)
+def decide(workspace: str, version: str, approve: bool, reason: str) -> dict[str, Any]:
+    """A person's approve/reject (manual approval), applied and audited like every alias change."""
+    from tasks.registry.aliases import decide as apply_decision
+
+    ws = Workspace(Path(workspace))
+    return asdict(apply_decision(load_params(ws.params), ws, version, approve, reason))

@@ -2,12 +2,15 @@
 
 Scored on the pipeline's own test split and, reported separately, on the fixed benchmark
 set when one is configured. Writes JSON for ``dvc metrics``, one predictions file per split
-(tasks/model/predictions.py: what the gate reads, and `dvc plots`' confusion matrices) and PNGs.
+(tasks/model/predictions.py: what the gate reads, and `dvc plots`' confusion matrices), PNGs,
+and the cheap baseline's scores on the same splits (tasks/model/baseline.py; the gate's
+default floors), in reports/evaluation/baseline.json.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from tasks.common.stage import run_cli
 from tasks.common.workspace import Workspace
 from tasks.data.prepared import load_split, read_index
 from tasks.data.splits import BENCHMARK
+from tasks.model.baseline import MAX_ITER, MAX_TRAIN_ROWS, SIDE, fit_baseline, predict_baseline
 from tasks.model.network import MODEL_SPEC, load_model, predict_logits
 from tasks.model.predictions import write_predictions
 from tasks.model.trainer import resolve_device
@@ -48,6 +52,34 @@ def plot_confusion(path: Path, matrix: list[list[int]], classes: tuple[str, ...]
 @dataclass(frozen=True)
 class EvaluateResult:
     metrics: dict[str, dict[str, float]]
+    baseline: dict[str, dict[str, float]]
+
+
+def score_baseline(cfg: PipelineConfig, ws: Workspace, splits: list[str]) -> dict:
+    """Fit the cheap baseline on the train split and score it on ``splits``. Deterministic
+    (seeded sample, lbfgs), so the file is a reproducible stage output; its time is logged only."""
+    start = time.perf_counter()
+    images, labels = load_split(ws.prepared, "train")
+    baseline = fit_baseline(images, labels)
+    scores = {}
+    for split in splits:
+        images, labels = load_split(ws.prepared, split)
+        metrics = compute_metrics(labels, predict_baseline(baseline, images), cfg.classes)
+        scores[split] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
+    log.info(
+        "baseline (%d train rows, %.1f s): %s",
+        baseline.train_rows,
+        time.perf_counter() - start,
+        ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in scores.items()),
+    )
+    return {
+        "model": f"logistic regression on {SIDE}x{SIDE} grey pixels + channel means, standardised",
+        "train_rows": baseline.train_rows,
+        "max_train_rows": MAX_TRAIN_ROWS,
+        "max_iter": MAX_ITER,
+        "converged": baseline.converged,
+        "splits": scores,
+    }
 
 
 def run_evaluate(cfg: PipelineConfig, ws: Workspace) -> EvaluateResult:
@@ -77,7 +109,9 @@ def run_evaluate(cfg: PipelineConfig, ws: Workspace) -> EvaluateResult:
         log.info("%s: accuracy %.4f macro-F1 %.4f (n=%d)", split, metrics["accuracy"], metrics["macro_f1"], len(labels))
     write_json(ws.metrics, headline)
     write_json(ws.evaluation / "per_class.json", per_class)
-    return EvaluateResult(headline)
+    baseline = score_baseline(cfg, ws, list(headline))
+    write_json(ws.baseline, baseline)
+    return EvaluateResult(headline, baseline["splits"])
 
 
 def main() -> None:

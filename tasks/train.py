@@ -12,7 +12,7 @@ import hashlib
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,6 +63,9 @@ class TrainResult:
     features_computed: int = 0
     #: Seconds spent computing cached features, included in train_seconds.
     feature_seconds: float = 0.0
+    #: The class-imbalance decision (mode, ratio, per-class counts and loss weights). A dict, so
+    #: register's metric logging (ints and floats only) skips it.
+    class_balance: dict[str, object] = field(default_factory=dict)
 
 
 def write_history(path: Path, history: list[EpochStats]) -> None:
@@ -174,6 +177,7 @@ def run_train(cfg: PipelineConfig, ws: Workspace) -> TrainResult:
         device=str(device),
         features_computed=computed,
         feature_seconds=feature_seconds,
+        class_balance=trainer.balance.report(cfg.classes),
     )
     write_json(ws.train_report, asdict(result))
     shutil.rmtree(checkpoint.parent, ignore_errors=True)

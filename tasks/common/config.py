@@ -63,8 +63,10 @@ class ValidateConfig(_Strict):
     #: Checked from the header before decoding: anything larger is treated as a decompression bomb.
     max_pixels: Annotated[int, Field(gt=0)] = 4096 * 4096
     min_images_per_class: Annotated[int, Field(ge=0)] = 20
-    #: Largest class count / smallest class count over the whole dataset.
-    class_imbalance: Thresholds = Thresholds(warn=3.0)
+    #: Largest class count / smallest class count over the whole dataset. Above
+    #: ``train.class_balance_ratio`` (1.5) the trainer compensates by default; the warning
+    #: (at 2.0, less chatty than 1.5 on real data) says the data itself is skewed.
+    class_imbalance: Thresholds = Thresholds(warn=2.0)
     #: Jensen-Shannon distance (base 2, 0 = same, 1 = disjoint) between a batch's label
     #: distribution and that of every batch ingested before it.
     label_drift: Thresholds = Thresholds(warn=0.15)
@@ -169,6 +171,16 @@ class TrainConfig(_Strict):
     #: Scale ``lr`` with batch_size / base_batch_size: none | linear | sqrt.
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     base_batch_size: Annotated[int, Field(ge=1)] = 128
+    #: How training compensates for unequal class counts in the train split. ``weighted_loss``:
+    #: cross-entropy weighted by n / (classes * class count); ``balanced_sampling``: each epoch
+    #: draws as many images as the split holds, with replacement, each class equally likely.
+    #: ``auto`` is ``weighted_loss`` when largest / smallest class count exceeds
+    #: ``class_balance_ratio``, else ``none``: a weighted loss works unchanged with the feature
+    #: cache and still shows every image once per epoch, where sampling repeats minority images
+    #: (and skips majority ones), which overfits the few minority images sooner.
+    class_balance: Literal["auto", "none", "weighted_loss", "balanced_sampling"] = "auto"
+    #: Below this ratio the imbalance is too small to be worth a change of objective.
+    class_balance_ratio: Annotated[float, Field(ge=1)] = 1.5
 
     @model_validator(mode="after")
     def _warmup_leaves_epochs(self) -> TrainConfig:
@@ -192,11 +204,20 @@ class RegisterConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    """The promotion gate: challenger vs champion on the same current test split."""
+    """The promotion gate: challenger vs champion on the same images (tasks/registry/rules.py)."""
 
-    #: Absolute floors (the only rules for the first model, when there is no champion).
-    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.85
-    min_macro_f1: Annotated[float, Field(ge=0, le=1)] = 0.85
+    #: The images judged. ``auto``: the fixed benchmark set when the evaluate stage scored one
+    #: (its images never change and it is usually larger than the test split, so versions are
+    #: compared on the same, bigger evidence), else the test split. ``both``: every rule on each.
+    judge_on: Literal["auto", "test", "benchmark", "both"] = "auto"
+    #: Absolute floors (the only rules for the first model, when there is no champion). null
+    #: derives each from the judged images: the better of the majority-class predictor and the
+    #: evaluate stage's cheap baseline (logistic regression on 16x16 grey pixels and channel
+    #: means, tasks/model/baseline.py), plus ``floor_margin``. A number is used as it is.
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_macro_f1: Annotated[float, Field(ge=0, le=1)] | None = None
+    #: How far above its reference a derived floor lies (absolute: 0.02 = 2 points; capped at 1).
+    floor_margin: Annotated[float, Field(ge=0, le=1)] = 0.02
     #: How far below the champion the challenger may fall (fractions: 0.005 = half a point).
     max_accuracy_drop: Annotated[float, Field(ge=0, le=1)] = 0.005
     max_macro_f1_drop: Annotated[float, Field(ge=0, le=1)] = 0.005
@@ -204,12 +225,20 @@ class GateConfig(_Strict):
     #: challenger is significantly worse; ``significantly_better``: promote only when it is
     #: significantly better.
     significance: Literal["not_worse", "significantly_better"] = "not_worse"
+    #: Significance level of the McNemar test and of the per-class test below.
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
-    #: No class's recall may drop by more than this versus the champion (0.05 = 5 points).
+    #: A class fails when its recall drops by more than this versus the champion (0.05 = 5
+    #: points) AND an exact one-sided binomial test on its discordant images (champion-only vs
+    #: challenger-only) is significant at ``alpha``: a drop of one image in two is not evidence.
     max_class_recall_drop: Annotated[float, Field(ge=0, le=1)] = 0.05
     #: Optional budgets; null disables them.
     max_model_mb: Annotated[float, Field(gt=0)] | None = None
     max_latency_ms: Annotated[float, Field(gt=0)] | None = None
+    #: ``auto``: the verdict moves the aliases. ``manual``: the retrain pauses in Prefect after the
+    #: gate with its report and waits for an operator's approve/reject (Prefect UI "Resume", or
+    #: ``ctl approve|reject``); no decision within ``approval_timeout_s`` rejects the version.
+    approval: Literal["auto", "manual"] = "auto"
+    approval_timeout_s: Annotated[int, Field(ge=1)] = 86400
 
 
 class WatchConfig(_Strict):
@@ -223,6 +252,17 @@ class RetrainConfig(_Strict):
 
     #: Cron schedule (UTC) for retrains without new data; null disables it.
     cron: str | None = "0 3 * * 1"
+
+
+class PredictConfig(_Strict):
+    """The predict deployment (flows/predict.py): a folder scored on demand or on a schedule."""
+
+    #: Folder of images to score (relative to the workspace); null: the run names one.
+    folder: str | None = None
+    #: An alias or a version number.
+    model: str = "champion"
+    #: Cron schedule (UTC) for scoring ``folder``; null: on demand only.
+    cron: str | None = None
 
 
 class PipelineConfig(_Strict):
@@ -241,6 +281,7 @@ class PipelineConfig(_Strict):
     gate: GateConfig = GateConfig()
     watch: WatchConfig = WatchConfig()
     retrain: RetrainConfig = RetrainConfig()
+    predict: PredictConfig = PredictConfig()
 
     @field_validator("classes")
     @classmethod

@@ -94,6 +94,11 @@ class Workspace:
         return self.evaluation / f"predictions_{split}.csv"
 
     @property
+    def baseline(self) -> Path:
+        """The cheap baseline's scores per split (tasks/model/baseline.py): the gate's default floors."""
+        return self.evaluation / "baseline.json"
+
+    @property
     def gate_metrics(self) -> Path:
         """Flat numbers for `dvc metrics show` (challenger and champion side by side)."""
         return self.reports / "gate.json"

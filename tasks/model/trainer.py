@@ -1,5 +1,6 @@
 """The training loop: batches from memory-mapped uint8 arrays (or cached features), tensor-op
-preprocessing and augmentation on the device, a checkpoint per epoch, resume after a crash."""
+preprocessing and augmentation on the device, class-imbalance handling (weighted loss or balanced
+sampling), a checkpoint per epoch, resume after a crash."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from tasks.common.config import PipelineConfig, TrainConfig
@@ -107,6 +110,67 @@ def input_fingerprint(cfg: PipelineConfig, data_digest: str) -> str:
     """What a checkpoint is valid for: the train params, the label set and the data."""
     payload = json.dumps({"train": cfg.train.model_dump(), "classes": cfg.classes, "data": data_digest}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ClassBalance:
+    """How training compensates for unequal class counts in the train split (``auto`` resolved)."""
+
+    mode: Literal["none", "weighted_loss", "balanced_sampling"]
+    #: Largest / smallest class count in the train split.
+    ratio: float
+    counts: tuple[int, ...]
+    #: Cross-entropy weight per class (``weighted_loss`` only).
+    weights: tuple[float, ...] | None = None
+
+    def loss_weight(self, device: torch.device) -> torch.Tensor | None:
+        return None if self.weights is None else torch.tensor(self.weights, dtype=torch.float32, device=device)
+
+    def epoch_order(self, labels: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """The indices one epoch visits, drawn from ``generator`` (seeded per epoch, so a resume repeats them).
+
+        ``balanced_sampling``: as many draws as images, with replacement, with probability 1 / class
+        count, so each class is equally likely. (torch.multinomial takes at most 2**24 images.)
+        """
+        if self.mode != "balanced_sampling":
+            return torch.randperm(len(labels), generator=generator).numpy()
+        per_image = torch.from_numpy(1.0 / np.asarray(self.counts, dtype=np.float64)[labels])
+        return torch.multinomial(per_image, len(labels), replacement=True, generator=generator).numpy()
+
+    def report(self, classes: list[str] | tuple[str, ...]) -> dict[str, object]:
+        """For train.json: per-class values keyed by class name (nested, so not logged as metrics)."""
+        out: dict[str, object] = {"mode": self.mode, "ratio": self.ratio}
+        out["counts"] = dict(zip(classes, self.counts, strict=True))
+        if self.weights is not None:
+            out["weights"] = dict(zip(classes, self.weights, strict=True))
+        return out
+
+
+def decide_class_balance(labels: np.ndarray, classes: list[str] | tuple[str, ...], cfg: TrainConfig) -> ClassBalance:
+    """The ``class_balance`` setting applied to the train split's labels.
+
+    A class without training images cannot be balanced (its weight would be infinite) and a model
+    never shown it can never predict it: a PipelineError, unless ``class_balance`` is ``none``.
+    """
+    counts = np.bincount(labels, minlength=len(classes))
+    missing = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if missing and cfg.class_balance != "none":
+        raise PipelineError(
+            f"the train split has no images of class(es) {missing}; train.class_balance={cfg.class_balance!r} "
+            "needs every class: add images of them, or set train.class_balance: none to train without them"
+        )
+    if missing:
+        log.warning("the train split has no images of class(es) %s: the model cannot learn them", missing)
+    present = counts[counts > 0]
+    ratio = float(present.max() / present.min()) if len(present) else 1.0
+    mode = cfg.class_balance
+    if mode == "auto":
+        mode = "weighted_loss" if ratio > cfg.class_balance_ratio else "none"
+    weights = None
+    if mode == "weighted_loss":
+        # "balanced": n_samples / (n_classes * count), so a perfectly balanced split gets all ones.
+        weights = tuple(float(w) for w in compute_class_weight("balanced", classes=np.arange(len(classes)), y=labels))
+    return ClassBalance(mode, ratio, tuple(int(c) for c in counts), weights)
 
 
 @dataclass
@@ -215,6 +279,9 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.phase: str | None = None
         self.trainable = 0
+        #: Decided from the train labels at the start of ``fit``.
+        self.balance: ClassBalance | None = None
+        self.loss_weight: torch.Tensor | None = None
         #: Epochs trained by this process (a resumed run skips the checkpointed ones).
         self.epochs_run = 0
         self.model.to(device)
@@ -266,6 +333,7 @@ class Trainer:
         """Train on uint8 image arrays (or prepared inputs, e.g. cached features) with their labels."""
         images, labels = self._inputs(train[0]), train[1]
         val_inputs = self._inputs(val[0])
+        self._decide_balance(labels)
         if self.cfg.compile:
             # Compile the callable the step uses, not self.model: state_dict keys stay unprefixed.
             images.forward = torch.compile(images.forward)
@@ -287,27 +355,39 @@ class Trainer:
             self.epochs_run += 1
         return self.history
 
+    def _decide_balance(self, labels: np.ndarray) -> None:
+        self.balance = decide_class_balance(labels, self.model.classes, self.cfg)
+        self.loss_weight = self.balance.loss_weight(self.device)
+        weights = self.balance.report(self.model.classes).get("weights")
+        log.info(
+            "class balance: %s (train split largest/smallest class count %.2f, class_balance=%s, ratio %.2f)%s",
+            self.balance.mode, self.balance.ratio, self.cfg.class_balance, self.cfg.class_balance_ratio,
+            f"; loss weights {', '.join(f'{c} {w:.3f}' for c, w in weights.items())}" if weights else "",
+        )  # fmt: skip
+
     def _run_epoch(
         self, epoch: int, images: Inputs, labels: np.ndarray, steps: int, total: int, warmup: int
     ) -> EpochStats:
         cfg, model, device = self.cfg, self.model, self.device
         torch.manual_seed(cfg.seed + epoch)  # dropout and augmentation repeat exactly on resume
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
-        order = torch.randperm(len(labels), generator=generator).numpy()
+        order = self.balance.epoch_order(labels, generator)
         model.train()
         freeze_batchnorm_stats(model.backbone)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         loss_sum, correct, seen = 0.0, 0, 0
         started = last_report = time.monotonic()
         for step in range(steps):
-            # Sorted indices read the memmap sequentially; the batch is still a random sample.
+            # Sorted indices read the memmap sequentially; the batch is still a random sample
+            # (with balanced sampling an index may repeat, which fancy indexing handles).
             idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             y = torch.from_numpy(labels[idx]).to(device, non_blocking=True)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(epoch * steps + step, total, warmup)
             with autocast:
                 logits = images.train_logits(idx, cfg, generator, device)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                # With weights, train_loss in the history is the weighted loss; val_loss stays unweighted.
+                loss = F.cross_entropy(logits.float(), y, weight=self.loss_weight, label_smoothing=cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -71,7 +71,9 @@ def story(tmp_path_factory: pytest.TempPathFactory, new_workspace: Callable[...,
 def destroy_one_class(ws: Path) -> dict:
     """Gate a challenger whose test predictions are perfect except for the class the
     champion recalls best, whose recall it cuts by 30 points: better overall, one class
-    destroyed."""
+    destroyed. It keeps only images the champion also gets right, so every image it loses
+    there is one the champion recalled: one-way evidence that the per-class test, on this
+    split's ~20 images per class, can call significant."""
     from tasks.gate import run_gate
 
     evaluation = ws / "reports" / "evaluation" / "predictions_test.csv"
@@ -84,7 +86,8 @@ def destroy_one_class(ws: Path) -> dict:
     }  # fmt: skip
     victim = max(champion_recall, key=champion_recall.get)
     other = next(c for c in TINY_CLASSES if c != victim)
-    victims = [i for i, r in enumerate(rows) if r["actual"] == victim]
+    victims = [i for i, r in enumerate(rows) if r["actual"] == victim and r["predicted"] == victim]
+    victims += [i for i, r in enumerate(rows) if r["actual"] == victim and r["predicted"] != victim]
     keep = set(victims[: int(len(victims) * max(0.0, champion_recall[victim] - 0.3))])
     for i, r in enumerate(rows):
         r["predicted"] = other if r["actual"] == victim and i not in keep else r["actual"]
@@ -111,6 +114,9 @@ def test_per_class_guard_rejects_a_challenger_that_destroys_one_class(story: dic
     failed = [r.name for r in report.failures()]
     assert failed == [f"class_recall:{victim}"]  # better overall: only the class guard objects
     assert report.challenger["accuracy"] > report.champion["accuracy"]
+    assert "challenger-only 0, one-sided p=" in report.failures()[0].detail
+    # This workspace has no benchmark set: auto judges the test split, and says so.
+    assert report.splits == ("test",) and report.selection.startswith("auto: no benchmark set was scored")
 
 
 def test_better_challenger_is_promoted_and_old_champion_becomes_previous(story: dict) -> None:

@@ -98,3 +98,30 @@ def test_predictions_for_another_label_set_are_refused(tmp_path: Path) -> None:
     write_predictions(path, [{"sha256": "x", "batch_id": "b", "path": "p"}], np.array([0]), np.zeros((1, 4)), CLASSES)
     with pytest.raises(PipelineError, match=r"has classes \['a', 'b', 'c', 'd'\], expected \['a', 'b'\]"):
         read_predictions(path, ("a", "b"))
+
+
+def test_score_baseline_scores_each_split_reproducibly(tmp_path: Path) -> None:
+    from tasks.common.config import parse_params
+    from tasks.common.workspace import Workspace
+    from tasks.data.prepared import images_path, labels_path
+    from tasks.evaluate import score_baseline
+
+    ws = Workspace(tmp_path)
+    ws.prepared.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60), ("test", 20), ("benchmark", 30)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 60, size=(n, 12, 12, 3))
+        images[labels == 1, :6] += 150  # class b: bright top half
+        np.save(images_path(ws.prepared, split), images.astype(np.uint8))
+        np.save(labels_path(ws.prepared, split), labels)
+    cfg = parse_params({"classes": ["a", "b"]})
+
+    first = score_baseline(cfg, ws, ["test", "benchmark"])
+    again = score_baseline(cfg, ws, ["test", "benchmark"])
+
+    assert first == again  # a DVC output: no timings, no randomness
+    assert json.loads(json.dumps(first)) == first
+    assert set(first["splits"]) == {"test", "benchmark"}
+    assert first["splits"]["benchmark"]["n"] == 30 and first["train_rows"] == 60
+    assert first["splits"]["test"]["accuracy"] == 1.0  # trivially separable

@@ -36,7 +36,8 @@ def test_flatten_of_a_whole_config_uses_the_params_yaml_names(make_cfg: Callable
 
     assert flat["classes"] == "a,b"
     assert flat["validate.max_image_side"] == 4096
-    assert flat["gate.min_accuracy"] == 0.85
+    assert flat["gate.max_accuracy_drop"] == 0.005
+    assert flat["gate.min_accuracy"] is None  # derived from the data unless set
     assert flat["train.augment.hflip"] is True
     assert not any(key.endswith("_") or "validate_" in key for key in flat)
 

@@ -296,6 +296,26 @@ def test_run_train_saves_model_reports_and_cleans_its_checkpoint(
     assert not any((ws.cache / "train").iterdir())
 
 
+def test_run_train_reports_the_class_balance_decision(tmp_path: Path, make_cfg: Callable[..., PipelineConfig]) -> None:
+    ws = Workspace(tmp_path)
+    images = tiny_data(40, seed=40)[0]
+    write_arrays(ws, {"train": (images, np.repeat([0, 1], [30, 10])), "val": tiny_data(8, seed=8)})
+    cfg = make_cfg(train={**TINY.model_dump(), "epochs": 1, "device": "cpu", "weights": "none"})
+
+    result = run_train(cfg, ws)
+
+    report = read_json(ws.reports / "train.json")
+    assert report["class_balance"] == result.class_balance
+    assert report["class_balance"] == {
+        "mode": "weighted_loss",
+        "ratio": 3.0,
+        "counts": {"a": 30, "b": 10},
+        "weights": {"a": pytest.approx(40 / 60), "b": 2.0},
+    }
+    # register logs train.json's ints and floats as metrics (its filter, here): the nested decision is skipped
+    assert "class_balance" not in {k for k, v in report.items() if isinstance(v, int | float)}
+
+
 def test_run_train_with_an_empty_train_split(tmp_path: Path, make_cfg: Callable[..., PipelineConfig]) -> None:
     ws = Workspace(tmp_path)
     empty = (np.zeros((0, 16, 16, 3), dtype=np.uint8), np.zeros(0, dtype=np.int64))
