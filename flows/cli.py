@@ -2,9 +2,13 @@
 
 One entry point for what the modules' ``python -m`` commands do, which keep working:
 
+    ctl init FOLDER -w DIR       a new workspace from a folder of labelled images
+    ctl benchmark FOLDER         set the fixed benchmark set (cleaned, DVC-tracked)
+    ctl run | retrain            the pipeline once: ingest, stages, register, gate, promote
+    ctl predict PATH...          score images with the champion (or --model ALIAS|VERSION) into a CSV
+    ctl approve | reject V       a person's decision on version V (resumes a run waiting for it)
     ctl demo [--once]            the embedded Fashion-MNIST demo (what ``make demo`` runs)
     ctl up | down | check        the local Prefect server and the served deployments
-    ctl retrain [--skip-ingest]  the retrain flow once
     ctl watch                    one watch-landing tick
     ctl stage NAME               one pipeline step, as DVC runs it (ingest, validate, ...)
     ctl status | history         registry versions and aliases; every alias change
@@ -118,6 +122,68 @@ def demo(
 
 
 @app.command()
+def init(
+    folder: Annotated[
+        Path, typer.Argument(help="labelled images: labels.csv (path,label) or one sub-folder per class")
+    ],
+    ws: Annotated[Path, typer.Option("--workspace", "-w", help="the new workspace directory (absent or empty)")],
+    name: Annotated[
+        str | None, typer.Option(help="MLflow registered model name (default: <folder>-classifier)")
+    ] = None,
+) -> None:
+    """Create a workspace (git + DVC, the pipeline code, params.yaml chosen from the images) whose
+    first landing batch is FOLDER. The classes come from its labels; image sizes from the files."""
+    from tasks.init import create_workspace, describe
+
+    with user_errors("init"):
+        typer.echo(describe(create_workspace(folder, ws.resolve(), name)))
+
+
+@app.command()
+def benchmark(
+    folder: Annotated[Path, typer.Argument(help="labelled images in a landing batch's layout")],
+    ws: Workspace_ = Path("."),
+    replace: Annotated[bool, typer.Option(help="replace an existing benchmark set")] = False,
+) -> None:
+    """Set the fixed benchmark set (data/benchmark): images checked as at ingest, duplicates and
+    images also in the training data dropped with a report, then `dvc add`. Commit data/benchmark.dvc."""
+    from tasks.benchmark import set_benchmark
+    from tasks.common.config import load_params
+
+    root = workspace(ws)
+    with user_errors("benchmark"):
+        typer.echo(set_benchmark(load_params(root.params), root, folder, replace).summary())
+    typer.echo("tracked by DVC: commit it with `git add data/benchmark.dvc && git commit -m benchmark`")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="image files or folders (searched recursively)")],
+    ws: Workspace_ = Path("."),
+    model: Annotated[
+        str, typer.Option(help="an alias (champion, challenger, previous) or a version number")
+    ] = "champion",
+    out: Annotated[Path, typer.Option(help="the CSV to write")] = Path("predictions.csv"),
+    top_k: Annotated[int, typer.Option(min=1, help="how many classes to list per image")] = 3,
+) -> None:
+    """Score images of any size and mode with a registered version; writes path, class,
+    confidence, top-k and error (a file that cannot be decoded) per image."""
+    from rich.progress import Progress
+
+    from tasks.common.config import load_params
+    from tasks.predict import image_files, run_predict
+
+    root = workspace(ws)
+    with user_errors("predict"):
+        cfg = load_params(root.params)
+        total = len(image_files(paths, cfg.ingest.image_extensions))
+        with Progress(transient=True) as progress:
+            bar = progress.add_task("scoring", total=total)
+            result = run_predict(cfg, root, paths, out, model, top_k, lambda n: progress.advance(bar, n))
+    typer.echo(f"{result.scored} image(s) scored with {result.model_uri}, {result.failed} not decodable: {result.out}")
+
+
+@app.command()
 def up(
     ws: Workspace_ = Path("."),
     port: Port = DEFAULT_PORT,
@@ -171,6 +237,9 @@ def retrain(
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
+app.command(name="run", help="The same as `ctl retrain`: the whole pipeline once on the workspace's data.")(retrain)
+
+
 @app.command()
 def watch(ws: Workspace_ = Path(".")) -> None:
     """Run one watch-landing tick against the configured Prefect server."""
@@ -211,6 +280,40 @@ def history(ws: Workspace_ = Path(".")) -> None:
 
     with user_errors("history"):
         typer.echo(promote.format_audit(workspace(ws)))
+
+
+@app.command()
+def approve(
+    version: Annotated[str, typer.Argument(help="the version to make champion")],
+    reason: Annotated[str, typer.Option(help="why (recorded in the audit log)")],
+    ws: Workspace_ = Path("."),
+) -> None:
+    """A person's decision: make VERSION the champion (the old one becomes previous). A retrain
+    waiting for approval (gate.approval: manual) continues with this decision."""
+    _decide(ws, version, True, reason)
+
+
+@app.command()
+def reject(
+    version: Annotated[str, typer.Argument(help="the version to reject")],
+    reason: Annotated[str, typer.Option(help="why (recorded in the audit log)")],
+    ws: Workspace_ = Path("."),
+) -> None:
+    """A person's decision: record VERSION as rejected; the champion does not move. A retrain
+    waiting for approval (gate.approval: manual) continues with this decision."""
+    _decide(ws, version, False, reason)
+
+
+def _decide(ws: Path, version: str, approve: bool, reason: str) -> None:
+    from flows.approval import resume_waiting_run
+    from tasks import promote
+
+    root = workspace(ws)
+    with user_errors("approve" if approve else "reject"):
+        if run := resume_waiting_run(root, version, approve, reason):
+            typer.echo(f"retrain {run} was waiting for a decision on v{version}: resumed with it")
+            return
+        typer.echo(promote.decide_version(root, version, approve, reason))
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 - ``watch-landing``: every ``watch.interval_s`` seconds, ingest new landing batches and emit
   ``dataset.updated`` when the data changed.
+- ``predict``: score a folder with a registered version, on demand or on ``predict.cron``.
 - ``retrain``: triggered by ``dataset.updated`` (the event's data hash becomes a parameter)
   and on the ``retrain.cron`` schedule. Deployment concurrency 1 with ENQUEUE: two batches
   landing close together give queued retrains, never two at once.
@@ -20,6 +21,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
+from flows.predict import predict_folder
 from flows.retrain import retrain
 from flows.watch import DATASET_EVENT, dataset_resource_id, watch_landing
 from tasks.common.config import PipelineConfig, load_params
@@ -52,7 +54,14 @@ def build_deployments(ws: Workspace, cfg: PipelineConfig, interval_s: int | None
         description="Validate, prepare, train, evaluate and register on the current data.",
         tags=["continuous-training"],
     )
-    return [watch, train]
+    score = predict_folder.to_deployment(
+        name="predict",
+        cron=cfg.predict.cron,
+        parameters={"workspace": workspace, "folder": cfg.predict.folder or "", "model": cfg.predict.model},
+        description="Score a folder of images with the champion (or another version); CSV in predictions/.",
+        tags=["continuous-training"],
+    )
+    return [watch, train, score]
 
 
 #: Flow runs started by the served deployments send a heartbeat this often (seconds) ...

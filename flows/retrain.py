@@ -15,9 +15,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.approval import wait_for_decision
 from flows.logs import project_logs_to_run
 from flows.stages import (
     STAGE_TASKS,
+    decide,
     gate,
     ingest,
     ingest_markdown,
@@ -27,6 +29,7 @@ from flows.stages import (
     trained_version,
 )
 from flows.watch import PIPELINE_LOCK
+from tasks.common.config import load_params
 from tasks.common.files import read_json
 from tasks.common.stage import DVC_STAGES
 from tasks.common.workspace import Workspace, workspace_lock
@@ -119,7 +122,7 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[st
         verdict = gate(str(ws.root), reg["version"])
         create_markdown_artifact(verdict["markdown"], key="gate-report", description="Promotion gate")
         create_table_artifact(verdict["per_class"], key="gate-per-class", description="Per-class metrics")
-        decision = promote(str(ws.root), reg["version"], verdict["verdict"], verdict["reasons"], verdict["numbers"])
+        decision = _decide(ws, reg["version"], verdict)
         if decision["action"] == "promote":
             reg["aliases"] = sorted({*reg["aliases"], "champion"})
     create_markdown_artifact(
@@ -127,6 +130,24 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[st
     )
     logger.info("model %s version %s aliases %s", reg["model_name"], reg["version"], reg["aliases"])
     return {"ingest": ingested, "stages": stages, "register": reg, "decision": decision, "skipped": None}
+
+
+def _decide(ws: Workspace, version: str, verdict: dict[str, Any]) -> dict[str, Any]:
+    """The gate's verdict moves the aliases, unless approval is manual: then an operator decides
+    (the gate's verdict is their advice) and no decision in time is a rejection."""
+    cfg = load_params(ws.params).gate
+    if cfg.approval != "manual":
+        return promote(str(ws.root), version, verdict["verdict"], verdict["reasons"], verdict["numbers"])
+    logger = get_run_logger()
+    logger.info(
+        "gate says %s for v%s; waiting up to %d s for an operator: Resume this run in the Prefect UI, "
+        "or `ctl approve|reject %s --reason ...`",
+        verdict["verdict"].upper(), version, cfg.approval_timeout_s, version,
+    )  # fmt: skip
+    approve, reason, who = wait_for_decision(ws, version, cfg.approval_timeout_s)
+    logger.info("decision on v%s by %s: %s (%s)", version, who, "approve" if approve else "reject", reason)
+    entry = decide(str(ws.root), version, approve, f"{reason} [gate: {verdict['verdict']}; by {who}]")
+    return {**entry, "action": "promote" if approve else "reject"}
 
 
 def main() -> None:

@@ -12,20 +12,44 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tasks.common.config import load_params
+from tasks.common.config import PipelineConfig, load_params
 from tasks.common.errors import PipelineError
 from tasks.common.stage import setup_cli_logging
 from tasks.common.workspace import Workspace
-from tasks.registry.aliases import format_history, read_audit, registry_status, rollback
+from tasks.data.landing import ingested_batches, is_candidate_batch, rejected_batches
+from tasks.registry.aliases import decide, format_history, read_audit, registry_status, rollback
 
 
 def format_status(ws: Workspace) -> str:
-    """One line per registered version: aliases, the gate's verdict, the batches it saw."""
-    rows = registry_status(load_params(ws.params), ws)
-    return "\n".join(
-        f"v{row['version']:<4} {', '.join(row['aliases']) or '-':<28} gate={row['verdict']:<8} batches={row['batches']}"
-        for row in rows
-    )
+    """Registry versions (aliases, verdict, batches), the last decisions, and what waits in the
+    landing zone."""
+    cfg = load_params(ws.params)
+    rows = registry_status(cfg, ws)
+    lines = [f"model {cfg.register_.model_name}:"]
+    lines += [
+        f"  v{r['version']:<3} {', '.join(r['aliases']) or '-':<26} gate={r['verdict']:<9} batches={r['batches']}"
+        for r in rows
+    ] or ["  no version registered yet (`ctl run` trains the first)"]
+    if decisions := read_audit(ws)[-5:]:
+        lines += ["last decisions:", *("  " + line for line in format_history(decisions).splitlines())]
+    lines.append(f"landing zone {cfg.ingest.landing_dir}/: {waiting_batches(cfg, ws)}")
+    return "\n".join(lines)
+
+
+def waiting_batches(cfg: PipelineConfig, ws: Workspace) -> str:
+    landing = ws.root / cfg.ingest.landing_dir
+    if not landing.is_dir():
+        return "missing"
+    done = set(ingested_batches(ws.raw)) | rejected_batches(ws.quarantine)
+    waiting = [
+        p.name for p in sorted(landing.iterdir()) if p.is_dir() and is_candidate_batch(p.name) and p.name not in done
+    ]
+    return f"{len(waiting)} batch(es) waiting: {', '.join(waiting)}" if waiting else "nothing waiting"
+
+
+def decide_version(ws: Workspace, version: str, approve: bool, reason: str) -> str:
+    entry = decide(load_params(ws.params), ws, version, approve, reason)
+    return f"{entry.action} v{version} of {entry.model}: champion v{entry.from_version} -> v{entry.to_version}"
 
 
 def format_audit(ws: Workspace) -> str:

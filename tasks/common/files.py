@@ -72,3 +72,13 @@ def write_json(path: Path, payload: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+#: A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A CSV cell an operator can open in a spreadsheet without running it as a formula (OWASP:
+    prefix a single quote)."""
+    return f"'{text}" if text.startswith(_FORMULA_START) else text

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class AuditEntry:
     """One alias decision: who, when, what moved where, and why."""
 
-    action: str  # promote | reject | rollback
+    action: str  # promote | reject | rollback | approve (a person's decision)
     model: str
     from_version: str | None  # the champion before
     to_version: str | None  # the champion after
@@ -132,6 +132,46 @@ def rollback(cfg: PipelineConfig, ws: Workspace, reason: str, to_version: str | 
     entry = AuditEntry("rollback", name, champion, target, target, current_actor(), reason)
     append_audit(ws, entry)
     log.info("rolled back %s: champion %s -> %s (%s)", name, champion, target, reason)
+    return entry
+
+
+def decide(cfg: PipelineConfig, ws: Workspace, version: str, approve: bool, reason: str) -> AuditEntry:
+    """A person's decision on ``version``: approve makes it the champion (the old one becomes
+    ``previous``), reject records it as rejected. Audited like every alias change."""
+    if not reason.strip():
+        raise PipelineError("a decision needs a reason (--reason)")
+    name = cfg.register_.model_name
+    with mlflow_tracking(tracking_uri(ws)) as client:
+        versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
+        if version not in versions:
+            known = ", ".join(sorted(versions, key=int)) or "none"
+            raise PipelineError(f"version {version} of {name!r} does not exist; versions: {known}")
+        champion = alias_version(client, name, CHAMPION)
+        gate_said = versions[version].tags.get("gate.verdict", "-")
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        if approve:
+            if champion == version:
+                raise PipelineError(f"version {version} is already the champion")
+            client.set_registered_model_alias(name, CHAMPION, version)
+            if champion:
+                client.set_registered_model_alias(name, PREVIOUS, champion)
+            _tag(
+                client, name, version, {"gate.verdict": "approved", "gate.decided_at": stamp, "approved_reason": reason}
+            )
+            entry = AuditEntry(
+                "approve", name, champion, version, version, current_actor(), reason, {"gate": gate_said}
+            )
+        else:
+            if champion == version:
+                raise PipelineError(f"version {version} is the champion; `ctl rollback` replaces it")
+            _tag(
+                client, name, version, {"gate.verdict": "rejected", "gate.decided_at": stamp, "rejected_reason": reason}
+            )
+            entry = AuditEntry(
+                "reject", name, champion, champion, version, current_actor(), reason, {"gate": gate_said}
+            )
+    append_audit(ws, entry)
+    log.info("%s version %s of %s by %s: %s", entry.action, version, name, entry.actor, reason)
     return entry
 
 

@@ -26,7 +26,8 @@ runner = CliRunner()
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("demo", "up", "down", "check", "retrain", "watch", "stage", "status", "history", "rollback"):
+    commands = ("init", "benchmark", "run", "predict", "approve", "reject", "demo", "up", "down", "check", "retrain")
+    for command in (*commands, "watch", "stage", "status", "history", "rollback"):
         assert command in result.output
 
 
