@@ -58,16 +58,23 @@ def ingest(workspace: str) -> dict[str, Any]:
     return asdict(result)
 
 
+def markdown_literal(text: str) -> str:
+    """Labellers' text shown in a Markdown artifact as literal text: one line, no table break,
+    no link or HTML (a code span renders its content as it is)."""
+    flat = " ".join(str(text).split()).replace("`", "'").replace("|", "\\|")
+    return f"`{flat}`" if flat else ""
+
+
 def ingest_markdown(result: dict[str, Any]) -> str | None:
     """What ops must look at after an ingest: rejected batches and quarantined rows."""
     if not result.get("rejected") and not result.get("quarantined"):
         return None
     lines = ["# Ingest problems", "", "| batch | outcome | details |", "|---|---|---|"]
     for name, why in result.get("rejected", {}).items():
-        lines.append(f"| {name} | **rejected**, nothing ingested | {why} |")
+        lines.append(f"| {markdown_literal(name)} | **rejected**, nothing ingested | {markdown_literal(why)} |")
     for name, counts in result.get("quarantined", {}).items():
         reasons = ", ".join(f"{reason}: {n}" for reason, n in counts.items())
-        lines.append(f"| {name} | ingested without its bad rows | {reasons} |")
+        lines.append(f"| {markdown_literal(name)} | ingested without its bad rows | {reasons} |")
     lines += ["", "Details per row: `data/quarantine/<batch>/quarantine.csv`. The landing zone is untouched: "
               "deliver a fixed batch under a new name."]  # fmt: skip
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tasks.common.config import PipelineConfig, load_params
 from tasks.common.dvc import dvc_data_hash, run_dvc
-from tasks.common.files import FileHashCache, write_json
+from tasks.common.files import FileHashCache, spreadsheet_safe, write_json
 from tasks.common.stage import run_cli
 from tasks.common.workspace import Workspace, workspace_lock
 from tasks.data.benchmark import benchmark_manifest
@@ -96,7 +96,9 @@ def write_quarantine(batch_dir: Path, check: BatchCheck, quarantine: Path, rejec
         writer = csv.writer(fh)
         writer.writerow(QUARANTINE_COLUMNS)
         for q in check.quarantined:
-            writer.writerow([printable(q.item.row.path), q.item.row.label, q.reason, q.detail])
+            # Labellers' text, opened by operators in a spreadsheet: never a live formula.
+            writer.writerow([spreadsheet_safe(printable(q.item.row.path)), spreadsheet_safe(q.item.row.label), q.reason,
+                             spreadsheet_safe(q.detail)])  # fmt: skip
             source = q.item.source
             if source is not None and source.is_file() and not source.is_symlink():
                 copy = target / "files" / printable(q.item.row.path)

@@ -212,7 +212,7 @@ def test_a_rejected_batch_is_reported_and_trains_nothing(registered: Path) -> No
     assert not any(s["ran"] for s in result["stages"]) and result["register"]["created"] is False
     assert registry_state(ws) == before
     assert not (ws / "data" / "raw" / "batch-002").exists()
-    assert "| batch-002 | **rejected**, nothing ingested |" in latest_artifact("ingest-problems")
+    assert "| `batch-002` | **rejected**, nothing ingested |" in latest_artifact("ingest-problems")
 
 
 @pytest.mark.parametrize(

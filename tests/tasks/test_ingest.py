@@ -584,3 +584,29 @@ def test_file_hash_cache_rehashes_only_changed_files(tmp_path: Path, write_png: 
     assert reloaded.sha256(image) == first
     write_png(image, seed=2, size=(9, 9))  # new content, size and mtime
     assert reloaded.sha256(image) == sha256_file(image) != first
+
+
+def test_quarantine_csv_never_holds_a_live_spreadsheet_formula(
+    tmp_path: Path, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    cfg = make_cfg()
+    batch = tmp_path / "b1"
+    batch.mkdir()
+    write_png(batch / "=cmd.png")
+    write_labels(batch, [("=cmd.png", '=HYPERLINK("http://evil.invalid","x")'), ("+1.png", "@SUM(A1)")])
+    rows, _, _ = hash_batch(batch, cfg)
+    check = check_batch(rows, cfg, {})
+    target = ingest.write_quarantine(batch, check, tmp_path / "q", None)
+    with (target / "quarantine.csv").open(newline="") as fh:
+        cells = [cell for row in list(csv.reader(fh))[1:] for cell in row]
+    assert '\'=HYPERLINK("http://evil.invalid","x")' in cells and "'@SUM(A1)" in cells and "'=cmd.png" in cells
+    assert not any(cell.startswith(("=", "+", "@", "-")) for cell in cells)
+
+
+def test_ingest_markdown_shows_labellers_text_literally() -> None:
+    from flows.stages import ingest_markdown
+
+    text = ingest_markdown({"rejected": {"b1": "bad | [click](javascript:alert(1)) <img src=x>\n# heading"}})
+    row = next(line for line in text.splitlines() if line.startswith("| `b1`"))
+    assert "`bad \\| [click](javascript:alert(1)) <img src=x> # heading`" in row
+    assert row.count(" | ") == 2  # three cells: the detail's pipe is escaped
