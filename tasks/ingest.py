@@ -7,6 +7,8 @@ ingest again is always safe. Directories whose name starts with ``.`` or ``_`` a
 labelers write a batch under such a name and rename it when complete.
 
 Not a DVC stage (it creates the data DVC versions); the flows run it before the stages.
+``python -m tasks.ingest`` exits 0 when every batch was ingested or skipped, 2 on a user error
+(nothing done), 3 when it ran but rejected a batch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import csv
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,9 +221,19 @@ def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
     return result
 
 
+#: Exit code of ``python -m tasks.ingest`` when it ran but rejected a batch, so a script can tell
+#: (2 stays "nothing done: fix the input or the params").
+EXIT_REJECTED = 3
+
+
 def main() -> None:
     ws = Workspace(Path.cwd())
-    run_cli("ingest", lambda: run_ingest(load_params(ws.params), ws))
+    results: list[IngestResult] = []
+    run_cli("ingest", lambda: results.append(run_ingest(load_params(ws.params), ws)) or results[-1])
+    if results and results[-1].rejected:
+        names = ", ".join(sorted(results[-1].rejected))
+        print(f"ingest: rejected {names} (why: data/quarantine/<batch>/rejected.json)", file=sys.stderr)
+        raise SystemExit(EXIT_REJECTED)
 
 
 if __name__ == "__main__":

@@ -610,3 +610,24 @@ def test_ingest_markdown_shows_labellers_text_literally() -> None:
     row = next(line for line in text.splitlines() if line.startswith("| `b1`"))
     assert "`bad \\| [click](javascript:alert(1)) <img src=x> # heading`" in row
     assert row.count(" | ") == 2  # three cells: the detail's pipe is escaped
+
+
+def test_the_ingest_command_exits_3_when_it_rejects_a_batch(
+    tmp_path: Path, new_workspace: Callable[..., Path], write_png: Callable[..., Path]
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import write_batch as write_good_batch
+
+    ws = new_workspace(tmp_path / "ws")
+    write_good_batch(ws / "landing" / "good", 30)
+    (ws / "landing" / "unlabelled").mkdir()
+    write_png(ws / "landing" / "unlabelled" / "a.png")
+    proc = subprocess.run([sys.executable, "-m", "tasks.ingest"], cwd=ws, capture_output=True, text=True, check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "rejected unlabelled" in proc.stderr
+    assert (ws / "data" / "raw" / "good").is_dir()  # the good batch beside it still went in
+    again = subprocess.run([sys.executable, "-m", "tasks.ingest"], cwd=ws, capture_output=True, text=True, check=False)
+    # A rejection is recorded once (data/quarantine/unlabelled/rejected.json); a rerun has nothing new.
+    assert again.returncode == 0 and (ws / "data" / "quarantine" / "unlabelled" / "rejected.json").is_file()
