@@ -49,6 +49,7 @@ Workspace_ = Annotated[
     Path,
     typer.Option("--workspace", "-w", help="the git + DVC repository to work in", file_okay=False, resolve_path=True),
 ]
+Reason = Annotated[str, typer.Option(help="why (recorded in the audit log)")]
 Port = Annotated[int, typer.Option(help="Prefect server port on 127.0.0.1 (env PREFECT_PORT)")]
 DEFAULT_PORT = int(os.environ.get("PREFECT_PORT", "4200"))
 
@@ -171,15 +172,15 @@ def predict(
     from rich.progress import Progress
 
     from tasks.common.config import load_params
-    from tasks.predict import image_files, run_predict
+    from tasks.predict import run_predict
 
     root = workspace(ws)
-    with user_errors("predict"):
-        cfg = load_params(root.params)
-        total = len(image_files(paths, cfg.ingest.image_extensions))
-        with Progress(transient=True) as progress:
-            bar = progress.add_task("scoring", total=total)
-            result = run_predict(cfg, root, paths, out, model, top_k, lambda n: progress.advance(bar, n))
+    with user_errors("predict"), Progress(transient=True) as progress:
+        bar = progress.add_task("scoring", total=None)
+        result = run_predict(
+            load_params(root.params), root, paths, out, model, top_k,
+            lambda done, total: progress.update(bar, advance=done, total=total),
+        )  # fmt: skip
     typer.echo(f"{result.scored} image(s) scored with {result.model_uri}, {result.failed} not decodable: {result.out}")
 
 
@@ -285,7 +286,7 @@ def history(ws: Workspace_ = Path(".")) -> None:
 @app.command()
 def approve(
     version: Annotated[str, typer.Argument(help="the version to make champion")],
-    reason: Annotated[str, typer.Option(help="why (recorded in the audit log)")],
+    reason: Reason,
     ws: Workspace_ = Path("."),
 ) -> None:
     """A person's decision: make VERSION the champion (the old one becomes previous). A retrain
@@ -296,7 +297,7 @@ def approve(
 @app.command()
 def reject(
     version: Annotated[str, typer.Argument(help="the version to reject")],
-    reason: Annotated[str, typer.Option(help="why (recorded in the audit log)")],
+    reason: Reason,
     ws: Workspace_ = Path("."),
 ) -> None:
     """A person's decision: record VERSION as rejected; the champion does not move. A retrain
@@ -318,7 +319,7 @@ def _decide(ws: Path, version: str, approve: bool, reason: str) -> None:
 
 @app.command()
 def rollback(
-    reason: Annotated[str, typer.Option(help="why (recorded in the audit log)")],
+    reason: Reason,
     to_version: Annotated[str | None, typer.Option(help="default: the version with alias 'previous'")] = None,
     ws: Workspace_ = Path("."),
 ) -> None:

@@ -65,12 +65,12 @@ def run_predict(
     out: Path,
     ref: str = CHAMPION,
     top_k: int = 3,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PredictResult:
     """Score every image under ``inputs`` with version/alias ``ref``; one CSV row per file.
 
     A file that cannot be decoded gets a row with its reason in ``error``; the rest are scored.
-    ``progress`` is called with the number of files done after each batch.
+    ``progress`` is called after each batch with the files just done and the total.
     """
     from mlflow.exceptions import MlflowException
 
@@ -101,5 +101,5 @@ def run_predict(
                     spreadsheet_safe(row["error"]),
                 ])  # fmt: skip
             if progress:
-                progress(len(chunk))
+                progress(len(chunk), len(files))
     return PredictResult(out, uri, scored, failed)

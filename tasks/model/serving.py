@@ -67,11 +67,11 @@ def decode_for_model(data: bytes, decoding: Decoding) -> np.ndarray:
                 raise ImageRejected(f"{width}x{height} pixels exceeds max_pixels {decoding.max_pixels:,}")
             img.load()
             return to_stored_pixels(_eight_bit(img), decoding.stored_size)
+    except ImageRejected:
+        raise
     except UnidentifiedImageError:
         raise ImageRejected(f"not an image in an allowed format ({', '.join(decoding.formats)})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, ImageRejected):
-            raise
         raise ImageRejected(f"cannot decode ({exc.__class__.__name__}: {exc})") from None
 
 

@@ -70,6 +70,23 @@ def _tag(client: Any, name: str, version: str, tags: dict[str, str]) -> None:
         client.set_model_version_tag(name, version, key, value[:5000])
 
 
+def _crown(client: Any, name: str, version: str, champion: str | None) -> None:
+    """``version`` becomes champion and the replaced champion ``previous``; the new champion is
+    set first, so the model is never without one."""
+    client.set_registered_model_alias(name, CHAMPION, version)
+    if champion and champion != version:
+        client.set_registered_model_alias(name, PREVIOUS, champion)
+
+
+def _existing_version(client: Any, name: str, version: str) -> Any:
+    """The registered ``version`` of ``name``, or a PipelineError listing the versions there are."""
+    versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
+    if version not in versions:
+        known = ", ".join(sorted(versions, key=int)) or "none"
+        raise PipelineError(f"version {version} of {name!r} does not exist; versions: {known}")
+    return versions[version]
+
+
 def apply_verdict(
     cfg: PipelineConfig, ws: Workspace, version: str, verdict: str, reasons: str, numbers: dict[str, Any]
 ) -> AuditEntry:
@@ -88,9 +105,7 @@ def apply_verdict(
         client.set_tag(run_id, "gate.verdict", verdict)
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         if verdict == "promote":
-            client.set_registered_model_alias(name, CHAMPION, version)  # first: never without a champion
-            if champion and champion != version:
-                client.set_registered_model_alias(name, PREVIOUS, champion)
+            _crown(client, name, version, champion)
             _tag(client, name, version, {"gate.verdict": "promote", "gate.decided_at": stamp})
             entry = AuditEntry("promote", name, champion, version, version, current_actor(), "passed the gate", numbers)
         elif verdict == "reject":
@@ -117,16 +132,11 @@ def rollback(cfg: PipelineConfig, ws: Workspace, reason: str, to_version: str | 
         target = to_version or alias_version(client, name, PREVIOUS)
         if target is None:
             raise PipelineError(f"model {name!r} has no '{PREVIOUS}' version to roll back to; pass --to-version")
-        versions = {str(v.version) for v in client.search_model_versions(f"name='{name}'")}
-        if target not in versions:
-            raise PipelineError(
-                f"version {target} of {name!r} does not exist; versions: {', '.join(sorted(versions, key=int))}"
-            )
+        _existing_version(client, name, target)
         if target == champion:
             raise PipelineError(f"version {target} is already the champion")
-        client.set_registered_model_alias(name, CHAMPION, target)
+        _crown(client, name, target, champion)
         if champion:
-            client.set_registered_model_alias(name, PREVIOUS, champion)
             _tag(client, name, champion, {"rolled_back_reason": reason})
         _tag(client, name, target, {"gate.verdict": "rollback", "rollback_reason": reason})
     entry = AuditEntry("rollback", name, champion, target, target, current_actor(), reason)
@@ -142,19 +152,13 @@ def decide(cfg: PipelineConfig, ws: Workspace, version: str, approve: bool, reas
         raise PipelineError("a decision needs a reason (--reason)")
     name = cfg.register_.model_name
     with mlflow_tracking(tracking_uri(ws)) as client:
-        versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
-        if version not in versions:
-            known = ", ".join(sorted(versions, key=int)) or "none"
-            raise PipelineError(f"version {version} of {name!r} does not exist; versions: {known}")
+        gate_said = _existing_version(client, name, version).tags.get("gate.verdict", "-")
         champion = alias_version(client, name, CHAMPION)
-        gate_said = versions[version].tags.get("gate.verdict", "-")
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         if approve:
             if champion == version:
                 raise PipelineError(f"version {version} is already the champion")
-            client.set_registered_model_alias(name, CHAMPION, version)
-            if champion:
-                client.set_registered_model_alias(name, PREVIOUS, champion)
+            _crown(client, name, version, champion)
             _tag(
                 client, name, version, {"gate.verdict": "approved", "gate.decided_at": stamp, "approved_reason": reason}
             )
