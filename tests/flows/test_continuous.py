@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -67,6 +68,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     port = url.split(":")[-1].split("/")[0]
+    _SERVER_LOG[:] = [home / "server.log", home / "serve.log"]
     with (home / "server.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
@@ -86,11 +88,42 @@ def _healthy(url: str) -> bool:
         return False
 
 
+#: How long one API call may keep failing (5xx answers, or no answer) before the test gives up.
+API_PATIENCE_S = 90.0
+
+
+def api(method: str, url: str, **kwargs: Any) -> Any:
+    """One Prefect API call. The SQLite-backed test server can answer 5xx, or not within the
+    request timeout, while a retrain writes to it on a loaded machine: such calls are retried
+    for up to ``API_PATIENCE_S``; anything else fails with the body, and a server that stays
+    silent fails with the tail of its log."""
+    deadline = time.monotonic() + API_PATIENCE_S
+    while True:
+        try:
+            resp = httpx.request(method, url, timeout=15, **kwargs)
+            if resp.status_code < 500:
+                break
+            problem = f"{resp.status_code} {resp.text[:300]}"
+        except httpx.TimeoutException as exc:
+            problem = f"no answer ({exc!r})"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{method} {url}: {problem} for {API_PATIENCE_S:.0f} s\n{_server_log_tail()}")
+        time.sleep(2)
+    assert resp.is_success, f"{method} {url}: {resp.status_code} {resp.text[:500]}"
+    return resp.json() if resp.content else {}
+
+
+#: Set by the server fixture, for failure messages.
+_SERVER_LOG: list[Path] = []
+
+
+def _server_log_tail(chars: int = 3000) -> str:
+    return "".join(f"--- {p}:\n{p.read_text(errors='replace')[-chars:]}\n" for p in _SERVER_LOG if p.is_file())
+
+
 def flow_runs(url: str, deployment: str) -> list[dict]:
     body = {"deployments": {"name": {"any_": [deployment]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    resp = httpx.post(f"{url}/flow_runs/filter", json=body, timeout=10)
-    resp.raise_for_status()
-    return [r for r in resp.json() if r["state_type"] != "SCHEDULED"]
+    return [r for r in api("POST", f"{url}/flow_runs/filter", json=body) if r["state_type"] != "SCHEDULED"]
 
 
 @pytest.fixture(scope="module")
@@ -155,18 +188,6 @@ def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-def api(method: str, url: str, **kwargs: object) -> dict:
-    """One Prefect API call. The SQLite-backed test server can answer 5xx while a retrain writes
-    to it on a loaded machine: such answers are retried; anything else fails with the body."""
-    for attempt in range(5):
-        resp = httpx.request(method, url, timeout=30, **kwargs)
-        if resp.status_code < 500:
-            break
-        time.sleep(2 * (attempt + 1))
-    assert resp.is_success, f"{method} {url}: {resp.status_code} {resp.text[:500]}"
-    return resp.json() if resp.content else {}
 
 
 def test_serve_restart_marks_orphaned_runs_crashed(served: dict) -> None:
