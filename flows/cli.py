@@ -13,6 +13,7 @@ One entry point for what the modules' ``python -m`` commands do, which keep work
     ctl stage NAME               one pipeline step, as DVC runs it (ingest, validate, ...)
     ctl status | history         registry versions and aliases; every alias change
     ctl rollback --reason "..."  champion back to previous (or --to-version N)
+    ctl release BATCH --reason   let the next ingest take a batch held for label noise
 
 Every command takes ``--workspace`` (default: the current directory). Heavy imports (torch,
 Prefect, MLflow) happen inside the commands, so ``ctl --help`` answers at once, and so the
@@ -328,6 +329,22 @@ def rollback(
 
     with user_errors("rollback"):
         typer.echo(promote.rollback_champion(workspace(ws), reason, to_version))
+
+
+@app.command()
+def release(
+    batch: Annotated[str, typer.Argument(help="a landing batch held as label_noise_suspected")],
+    reason: Reason,
+    ws: Workspace_ = Path("."),
+) -> None:
+    """Let the next ingest take BATCH, which the label-noise screen held, without that screen
+    (its other checks still apply). Recorded in the audit log (`ctl history`)."""
+    from tasks.common.config import load_params
+    from tasks.label_noise import release_batch
+
+    root = workspace(ws)
+    with user_errors("release"):
+        typer.echo(release_batch(load_params(root.params), root, batch, reason))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.approval import wait_for_decision
+from flows.artifacts import publish_evaluation
 from flows.logs import project_logs_to_run
 from flows.stages import (
     STAGE_TASKS,
@@ -31,6 +32,7 @@ from flows.stages import (
 from flows.watch import PIPELINE_LOCK
 from tasks.common.config import load_params
 from tasks.common.files import read_json
+from tasks.common.processes import stop_leftover_stage
 from tasks.common.stage import DVC_STAGES
 from tasks.common.workspace import Workspace, workspace_lock
 
@@ -87,6 +89,7 @@ def retrain(workspace: str = ".", skip_ingest: bool = False, data_hash: str | No
     ws = Workspace(Path(workspace).resolve())
     # One retrain per workspace (watch ticks skip meanwhile); the steps' own logs go to this run's log.
     with project_logs_to_run(), workspace_lock(ws, PIPELINE_LOCK):
+        stop_leftover_stage(ws)  # a run killed outright may have left its DVC stage running
         return _retrain(ws, skip_ingest, data_hash)
 
 
@@ -116,6 +119,7 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[st
         finally:
             if stage == "validate":
                 publish_validation(ws)
+    publish_evaluation(ws)  # the stages succeeded: confusion matrices and most confident mistakes
     reg = register(str(ws.root))
     decision = None
     if not reg["judged"]:  # a version registered earlier for this pipeline state was judged then

@@ -7,7 +7,6 @@ retried."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -22,6 +21,7 @@ from prefect.states import State
 from tasks.common.config import load_params
 from tasks.common.errors import is_transient
 from tasks.common.files import read_json
+from tasks.common.processes import forget_stage_group, record_stage_group, stop_group, stop_leftover_stage
 from tasks.common.stage import DVC_STAGES, RESULT_ENV, StageOutcome
 from tasks.common.workspace import Workspace
 from tasks.ingest import run_ingest
@@ -55,7 +55,24 @@ def ingest(workspace: str) -> dict[str, Any]:
         logger.warning("batch %s: quarantined %s (data/quarantine/%s/)", name, counts, name)
     for name, why in result.rejected.items():
         logger.error("batch %s rejected: %s (data/quarantine/%s/)", name, why, name)
+    publish_suspects(ws, result.label_noise)
     return asdict(result)
+
+
+def publish_suspects(ws: Workspace, screens: dict[str, dict[str, Any]]) -> None:
+    """The top suspected label errors of each batch the label-noise screen flagged, as a thumbnail grid."""
+    from flows.artifacts import publish_png
+    from tasks.label_noise import SUSPECTS_FILE, SUSPECTS_PNG
+
+    for name, screen in screens.items():
+        if screen["noisy"]:
+            outcome = "held: nothing ingested" if screen["held"] else "suspect rows quarantined"
+            caption = (
+                f"Batch {markdown_literal(name)} ({outcome}): {screen['summary']}. Given label, the champion's "
+                f"label and its confidence under each image; every suspect in `data/quarantine/{name}/{SUSPECTS_FILE}`."
+            )
+            publish_png(ws.quarantine / name / SUSPECTS_PNG, "label-noise-suspects", f"Suspected label errors: {name}",
+                        caption)  # fmt: skip
 
 
 def markdown_literal(text: str) -> str:
@@ -66,10 +83,12 @@ def markdown_literal(text: str) -> str:
 
 
 def ingest_markdown(result: dict[str, Any]) -> str | None:
-    """What ops must look at after an ingest: rejected batches and quarantined rows."""
-    if not result.get("rejected") and not result.get("quarantined"):
+    """What ops must look at after an ingest: invalid batch names, rejected batches and quarantined rows."""
+    if not result.get("rejected") and not result.get("quarantined") and not result.get("invalid"):
         return None
     lines = ["# Ingest problems", "", "| batch | outcome | details |", "|---|---|---|"]
+    for name, why in result.get("invalid", {}).items():
+        lines.append(f"| {markdown_literal(name)} | **skipped**: not a valid batch name | {markdown_literal(why)} |")
     for name, why in result.get("rejected", {}).items():
         lines.append(f"| {markdown_literal(name)} | **rejected**, nothing ingested | {markdown_literal(why)} |")
     for name, counts in result.get("quarantined", {}).items():
@@ -77,6 +96,10 @@ def ingest_markdown(result: dict[str, Any]) -> str | None:
         lines.append(f"| {markdown_literal(name)} | ingested without its bad rows | {reasons} |")
     lines += ["", "Details per row: `data/quarantine/<batch>/quarantine.csv`. The landing zone is untouched: "
               "deliver a fixed batch under a new name."]  # fmt: skip
+    if any(why.startswith("label_noise_suspected") for why in result.get("rejected", {}).values()):
+        lines += ["", "A batch held as `label_noise_suspected` lists its suspects in `data/quarantine/<batch>/"
+                  "suspects.csv`; if its labels are right, `ctl release <batch> --reason \"...\"` lets the next "
+                  "ingest take it."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -105,45 +128,30 @@ def dvc_stage_env() -> dict[str, str]:
     return env
 
 
-#: How long a stage's processes get to exit after SIGTERM before they are killed.
-STOP_GRACE_S = 10.0
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the stage's whole process group (dvc and the stage command it started), then
-    SIGKILL to whatever is left after ``STOP_GRACE_S``."""
-    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def run_dvc_stage(stage: str, workspace: str) -> dict[str, Any]:
     """``dvc repro --single-item <stage>``, streaming its output into the Prefect log; the
     stage's outcome file says whether it ran and how it ended.
 
     The stage runs in a process group of its own: when this run is stopped (SIGTERM, Ctrl-C,
     a cancellation), the group is stopped with it instead of running on unseen, holding DVC's
-    lock, while this process waits for it."""
+    lock, while this process waits for it. The group is recorded in the workspace while it runs,
+    so if this process is killed outright, the next stage (or run) stops what it left."""
     logger = get_run_logger()
     ws = Workspace(Path(workspace))
+    stop_leftover_stage(ws)
     ws.stage_results.mkdir(parents=True, exist_ok=True)
     result_file = ws.stage_results / f"{stage}-{uuid.uuid4().hex}.json"
     env = dvc_stage_env()
     env[RESULT_ENV] = str(result_file)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     output: list[str] = []
+    group = None
     try:
         with subprocess.Popen(
             cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         ) as proc:  # fmt: skip
+            group = record_stage_group(ws, stage, proc.pid)
             try:
                 assert proc.stdout is not None
                 for line in proc.stdout:
@@ -152,11 +160,13 @@ def run_dvc_stage(stage: str, workspace: str) -> dict[str, Any]:
                         logger.info(line.rstrip())
             except BaseException:
                 logger.warning("%s: stopping its processes (dvc pid %s)", stage, proc.pid)
-                stop_process_group(proc)
+                stop_group(group)
                 raise
         outcome = StageOutcome.read(result_file) if result_file.is_file() else None
     finally:
         result_file.unlink(missing_ok=True)
+        if group is not None:
+            forget_stage_group(ws, group)
     if outcome is not None and not outcome.ok:
         raise StageFailed(f"{stage}: {outcome.error}", outcome.error_kind or "bug")
     if proc.returncode != 0:

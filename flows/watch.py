@@ -21,6 +21,7 @@ from flows.logs import project_logs_to_run
 from flows.stages import ingest, ingest_markdown
 from tasks.common.errors import PipelineError, WorkspaceBusy
 from tasks.common.files import read_json, write_json
+from tasks.common.processes import stop_leftover_stage
 from tasks.common.workspace import Workspace, workspace_lock
 
 DATASET_EVENT = "dataset.updated"
@@ -44,6 +45,21 @@ def needs_announcement(ws: Workspace, data_hash: str | None) -> bool:
     return not path.is_file() or read_json(path).get("data_hash") != data_hash
 
 
+def reported_invalid_path(ws: Workspace) -> Path:
+    return ws.cache / "invalid-batches.json"
+
+
+def first_reports(ws: Workspace, invalid: list[str]) -> list[str]:
+    """The invalid batch names not reported before. All are recorded, so a misnamed folder left in
+    the landing zone fails one tick, not every tick (as data/quarantine does for rejected batches)."""
+    path = reported_invalid_path(ws)
+    seen = set(read_json(path)) if path.is_file() else set()
+    new = sorted(set(invalid) - seen)
+    if new:
+        write_json(path, sorted(seen | set(invalid)))
+    return new
+
+
 @flow(name="watch-landing", log_prints=True)
 def watch_landing(workspace: str = ".") -> dict[str, Any]:
     """One tick: ingest whatever is new and emit ``dataset.updated`` when the data changed."""
@@ -52,6 +68,7 @@ def watch_landing(workspace: str = ".") -> dict[str, Any]:
     try:
         # Never wait on a running retrain: its DVC stages read data/raw. The next tick retries.
         with project_logs_to_run(), workspace_lock(ws, PIPELINE_LOCK, blocking=False):
+            stop_leftover_stage(ws)  # a retrain killed outright may have left a DVC stage reading data/raw
             result = ingest(str(ws.root))
     except WorkspaceBusy:
         logger.info("a retrain holds the workspace; new batches are picked up by a later tick")
@@ -69,12 +86,18 @@ def watch_landing(workspace: str = ".") -> dict[str, Any]:
         logger.info("new data %s (batches %s): emitted %s", result["data_hash"], result["ingested"], DATASET_EVENT)
     else:
         logger.info("nothing new in the landing zone")
-    if problems := ingest_markdown(result):
+    new_invalid = {name: result["invalid"][name] for name in first_reports(ws, list(result["invalid"]))}
+    if reported := sorted(set(result["invalid"]) - set(new_invalid)):
+        logger.warning("still in the landing zone, skipped (reported before): %s; rename them", reported)
+    if problems := ingest_markdown({**result, "invalid": new_invalid}):
         create_markdown_artifact(problems, key="ingest-problems", description="Rejected and quarantined data")
-    if result["rejected"]:
-        # Fail the tick (after announcing the good batches) so ops see it in the UI. A rejected
-        # batch is recorded in data/quarantine, so later ticks do not fail on it again.
-        raise PipelineError(f"batch(es) rejected: {result['rejected']}; see data/quarantine/")
+    # Fail the tick (after announcing the good batches) so ops see it in the UI. A rejected batch
+    # is recorded in data/quarantine and an invalid name in .cache, so later ticks do not fail on it again.
+    failures = [f"batch(es) rejected: {result['rejected']}; see data/quarantine/"] if result["rejected"] else []
+    if new_invalid:
+        failures.append(f"invalid batch name(s) skipped: {sorted(new_invalid)}; rename the folder(s)")
+    if failures:
+        raise PipelineError("; ".join(failures))
     return {"busy": False, "ingested": result["ingested"], "announced": announced, "data_hash": result["data_hash"]}
 
 

@@ -3,6 +3,7 @@
 Scored on the pipeline's own test split and, reported separately, on the fixed benchmark
 set when one is configured. Writes JSON for ``dvc metrics``, one predictions file per split
 (tasks/model/predictions.py: what the gate reads, and `dvc plots`' confusion matrices), PNGs,
+the error analysis per split (tasks/model/errors.py: most confident mistakes, per-class table),
 and the cheap baseline's scores on the same splits (tasks/model/baseline.py; the gate's
 default floors), in reports/evaluation/baseline.json.
 """
@@ -25,8 +26,9 @@ from tasks.common.workspace import Workspace
 from tasks.data.prepared import load_split, read_index
 from tasks.data.splits import BENCHMARK
 from tasks.model.baseline import MAX_ITER, MAX_TRAIN_ROWS, SIDE, fit_baseline, predict_baseline
+from tasks.model.errors import source_paths, write_error_analysis
 from tasks.model.network import MODEL_SPEC, load_model, predict_logits
-from tasks.model.predictions import write_predictions
+from tasks.model.predictions import read_predictions, write_predictions
 from tasks.model.trainer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ def run_evaluate(cfg: PipelineConfig, ws: Workspace) -> EvaluateResult:
     device = resolve_device(cfg.train.device)
     model.to(device)
     splits = ["test"] + ([BENCHMARK] if cfg.evaluate.benchmark else [])
-    index = read_index(ws.prepared)
+    index, sources = read_index(ws.prepared), source_paths(ws.manifest_table)
     headline: dict[str, dict[str, float]] = {}
     per_class: dict[str, dict] = {}
     for split in splits:
@@ -105,6 +107,11 @@ def run_evaluate(cfg: PipelineConfig, ws: Workspace) -> EvaluateResult:
         headline[split] = {k: metrics[k] for k in ("accuracy", "macro_f1", "n")}
         per_class[split] = {"per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"]}
         write_predictions(ws.predictions(split), index.get(split, []), labels, logits, cfg.classes)
+        # From the file just written, so each mistake is the predictions file's row for that image.
+        predictions = read_predictions(ws.predictions(split), cfg.classes)
+        write_error_analysis(
+            ws.evaluation, split, predictions, images, metrics["per_class"], cfg.evaluate.mistakes, sources
+        )
         plot_confusion(ws.evaluation / f"confusion_{split}.png", metrics["confusion_matrix"], cfg.classes, split)
         log.info("%s: accuracy %.4f macro-F1 %.4f (n=%d)", split, metrics["accuracy"], metrics["macro_f1"], len(labels))
     write_json(ws.metrics, headline)

@@ -3,12 +3,15 @@
 A batch is a directory of the landing zone holding images plus ``labels.csv`` (columns
 ``path,label``) or class sub-folders (ImageFolder layout). The landing zone is read-only to
 us. A batch whose content hash was ingested before (under any name) is a no-op, so running
-ingest again is always safe. Directories whose name starts with ``.`` or ``_`` are ignored:
-labelers write a batch under such a name and rename it when complete.
+ingest again is always safe. Directories whose name starts with ``.`` or ``_`` are skipped
+(logged): labelers write a batch under such a name and rename it when complete. Any other
+name that is not a valid batch name is skipped and reported (``IngestResult.invalid``); it
+never blocks the batches beside it. A batch folder, class folder or ``labels.csv`` that is a
+symbolic link is rejected unread.
 
 Not a DVC stage (it creates the data DVC versions); the flows run it before the stages.
 ``python -m tasks.ingest`` exits 0 when every batch was ingested or skipped, 2 on a user error
-(nothing done), 3 when it ran but rejected a batch.
+(nothing done), 3 when it ran but rejected a batch or skipped an invalid name.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tasks.common.config import PipelineConfig, load_params
 from tasks.common.dvc import dvc_data_hash, run_dvc
@@ -28,13 +32,14 @@ from tasks.common.stage import run_cli
 from tasks.common.workspace import Workspace, workspace_lock
 from tasks.data.benchmark import benchmark_manifest
 from tasks.data.landing import (
+    INVALID_NAME,
     BatchRejected,
     hash_batch,
     ingested_batches,
-    landing_batches,
     plan_batches,
     printable,
     rejected_batches,
+    scan_landing,
 )
 from tasks.data.manifest import (
     BATCH_INFO,
@@ -43,9 +48,11 @@ from tasks.data.manifest import (
     QUARANTINE_COLUMNS,
     QUARANTINE_FILE,
     REJECTED_INFO,
+    RELEASED_INFO,
     read_all_manifests,
 )
 from tasks.data.screening import BatchCheck, KnownImage, check_batch, too_many_bad
+from tasks.label_noise import load_champion, screen_labels
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,12 @@ class IngestResult:
     #: Batch -> quarantined row count per reason, for batches ingested without their bad rows.
     quarantined: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
+    #: Landing folder -> why its name is not a batch name (skipped, never read).
+    invalid: dict[str, str] = field(default_factory=dict)
+    #: Skipped batch -> the batch with the same content that it repeats.
+    repeats: dict[str, str] = field(default_factory=dict)
+    #: Batch -> the label-noise screen's numbers (tasks/label_noise.py), for every screened batch.
+    label_noise: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_hash: str | None = None
 
     @property
@@ -93,8 +106,12 @@ def write_quarantine(batch_dir: Path, check: BatchCheck, quarantine: Path, rejec
     """``data/quarantine/<batch>/``: quarantine.csv (one row per bad row, with its reason), a copy
     of each bad file that lies inside the batch, and rejected.json when the whole batch was."""
     target = quarantine / batch_dir.name
+    release = target / RELEASED_INFO
+    kept = release.read_bytes() if release.is_file() else None  # an operator's release outlives a rewrite
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
+    if kept is not None:
+        release.write_bytes(kept)
     with (target / QUARANTINE_FILE).open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(QUARANTINE_COLUMNS)
@@ -104,7 +121,8 @@ def write_quarantine(batch_dir: Path, check: BatchCheck, quarantine: Path, rejec
                              spreadsheet_safe(q.detail)])  # fmt: skip
             source = q.item.source
             if source is not None and source.is_file() and not source.is_symlink():
-                copy = target / "files" / printable(q.item.row.path)
+                # Named after where the file is, not the row's text: '../' there must not lead out of target.
+                copy = target / "files" / printable(source.relative_to(batch_dir.resolve()).as_posix())
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, copy)
     if rejected:
@@ -148,7 +166,13 @@ def _hash_landing(landing: Path, cfg: PipelineConfig, ws: Workspace, result: Ing
     cache = FileHashCache(ws.landing_hashes)
     already_rejected = rejected_batches(ws.quarantine)
     hashed = {}
-    for batch_dir in landing_batches(landing):
+    scan = scan_landing(landing)
+    for name in scan.in_progress:
+        log.info("skipped %r: a name starting with '.' or '_' marks a batch in progress; rename it when complete", name)
+    for name, why in scan.invalid.items():
+        log.warning("skipped landing folder %r: %s", name, why)
+    result.invalid = scan.invalid
+    for batch_dir in scan.batches:
         if batch_dir.name in already_rejected:
             continue  # landing batches are immutable: a fixed one comes under a new name
         try:
@@ -169,6 +193,7 @@ def _check_new(names: list[str], hashed: dict[str, tuple], landing: Path, cfg: P
                result: IngestResult) -> dict[str, BatchCheck]:  # fmt: skip
     """Check every new batch before copying any; a later batch is checked against earlier ones."""
     known = known_images(ws, cfg) if names else {}
+    champion = load_champion(cfg, ws) if names else None
     checks = {}
     for name in names:
         rows, _, notes = hashed[name]
@@ -177,11 +202,20 @@ def _check_new(names: list[str], hashed: dict[str, tuple], landing: Path, cfg: P
         if why := too_many_bad(check, cfg):
             _reject(landing / name, check, ws, BatchRejected(name, "too_many_bad_rows", why), result)
             continue
+        # The champion screens the good rows; quarantine_rows moves its suspects into check.quarantined.
+        if screen := screen_labels(landing / name, check, cfg, ws, champion):
+            result.label_noise[name] = screen.info()
+        if screen and screen.held:
+            _reject(landing / name, check, ws, screen.held, result)
+            screen.write(ws.quarantine / name)  # after write_quarantine, which clears the folder
+            continue
         if check.quarantined:
             where = write_quarantine(landing / name, check, ws.quarantine, None)
             result.quarantined[name] = dict(check.reasons())
             log.warning("batch %s: %d row(s) quarantined in %s: %s", name, len(check.quarantined), where,
                         ", ".join(f"{r} {n}" for r, n in check.reasons().most_common()))  # fmt: skip
+        if screen and screen.result.noisy:
+            screen.write(ws.quarantine / name)
         if check.notes:
             result.notes[name] = check.notes
             for note in check.notes:
@@ -196,7 +230,9 @@ def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
     result = IngestResult()
     with workspace_lock(ws, "ingest"):
         hashed = _hash_landing(landing, cfg, ws, result)
-        new, result.skipped = plan_batches({name: h[1] for name, h in hashed.items()}, ingested_batches(ws.raw))
+        new, result.skipped, result.repeats = plan_batches(
+            {name: h[1] for name, h in hashed.items()}, ingested_batches(ws.raw)
+        )
         checks = _check_new(new, hashed, landing, cfg, ws, result)
         ws.raw.mkdir(parents=True, exist_ok=True)
         ws.benchmark.mkdir(parents=True, exist_ok=True)  # a dvc.yaml dependency, even when left empty
@@ -216,13 +252,15 @@ def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
             run_dvc(["add", "--quiet", str(ws.raw.relative_to(ws.root))], ws.root)
             pending.unlink(missing_ok=True)
         result.data_hash = dvc_data_hash(raw_dvc)
-    if result.skipped:
-        log.info("already ingested, skipped: %s", ", ".join(result.skipped))
+    for name, original in result.repeats.items():
+        log.info("batch %s skipped: same content as batch %s", name, original)
+    if same_name := [name for name in result.skipped if name not in result.repeats]:
+        log.info("already ingested, skipped: %s", ", ".join(same_name))
     return result
 
 
-#: Exit code of ``python -m tasks.ingest`` when it ran but rejected a batch, so a script can tell
-#: (2 stays "nothing done: fix the input or the params").
+#: Exit code of ``python -m tasks.ingest`` when it ran but rejected a batch or skipped an invalid
+#: name, so a script can tell (2 stays "nothing done: fix the input or the params").
 EXIT_REJECTED = 3
 
 
@@ -233,6 +271,10 @@ def main() -> None:
     if results and results[-1].rejected:
         names = ", ".join(sorted(results[-1].rejected))
         print(f"ingest: rejected {names} (why: data/quarantine/<batch>/rejected.json)", file=sys.stderr)
+    if results and results[-1].invalid:
+        names = ", ".join(repr(name) for name in sorted(results[-1].invalid))
+        print(f"ingest: skipped {names}: {INVALID_NAME}", file=sys.stderr)
+    if results and (results[-1].rejected or results[-1].invalid):
         raise SystemExit(EXIT_REJECTED)
 
 

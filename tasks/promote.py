@@ -16,7 +16,8 @@ from tasks.common.config import PipelineConfig, load_params
 from tasks.common.errors import PipelineError
 from tasks.common.stage import setup_cli_logging
 from tasks.common.workspace import Workspace
-from tasks.data.landing import ingested_batches, is_candidate_batch, rejected_batches
+from tasks.data.landing import ingested_batches, rejected_batches, scan_landing
+from tasks.label_noise import held_batches
 from tasks.registry.aliases import decide, format_history, read_audit, registry_status, rollback
 
 
@@ -33,6 +34,9 @@ def format_status(ws: Workspace) -> str:
     if decisions := read_audit(ws)[-5:]:
         lines += ["last decisions:", *("  " + line for line in format_history(decisions).splitlines())]
     lines.append(f"landing zone {cfg.ingest.landing_dir}/: {waiting_batches(cfg, ws)}")
+    if held := held_batches(ws):
+        lines.append(f"held for label noise: {', '.join(held)} (suspects: data/quarantine/<batch>/suspects.csv; "
+                     "`ctl release BATCH --reason ...` if the labels are right)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -41,10 +45,13 @@ def waiting_batches(cfg: PipelineConfig, ws: Workspace) -> str:
     if not landing.is_dir():
         return "missing"
     done = set(ingested_batches(ws.raw)) | rejected_batches(ws.quarantine)
-    waiting = [
-        p.name for p in sorted(landing.iterdir()) if p.is_dir() and is_candidate_batch(p.name) and p.name not in done
-    ]
-    return f"{len(waiting)} batch(es) waiting: {', '.join(waiting)}" if waiting else "nothing waiting"
+    scan = scan_landing(landing)
+    waiting = [p.name for p in scan.batches if p.name not in done]
+    text = f"{len(waiting)} batch(es) waiting: {', '.join(waiting)}" if waiting else "nothing waiting"
+    if scan.invalid:
+        names = ", ".join(repr(name) for name in scan.invalid)
+        text += f"; {len(scan.invalid)} folder(s) with an invalid batch name, never ingested: {names} (rename them)"
+    return text
 
 
 def decide_version(ws: Workspace, version: str, approve: bool, reason: str) -> str:

@@ -24,7 +24,7 @@ from tasks.common.workspace import Workspace
 from tasks.data.benchmark import benchmark_manifest
 from tasks.data.expectations import CheckpointOutcome, expectation_parameters, run_checkpoint
 from tasks.data.manifest import read_all_manifests
-from tasks.data.validation import build_table, describe, render_summary
+from tasks.data.validation import build_table, describe, drift_report, render_summary
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,6 +63,7 @@ def run_validate(cfg: PipelineConfig, ws: Workspace) -> ValidateResult:
         "n_batches": len(batches),
         "batches": batches,
         "class_counts": {cls: counts[cls] for cls in cfg.classes},
+        "label_drift": drift_report(table),
         "passed": not outcome.failures,
         "failures": [describe(table, r) for r in outcome.failures],
         "warnings": [describe(table, r) for r in outcome.warnings],

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import yaml
@@ -108,3 +111,41 @@ def registry_client(ws: Path) -> MlflowClient:
     from mlflow import MlflowClient
 
     return MlflowClient(store_uri(ws), store_uri(ws))
+
+
+#: Audit events that open a file or list a directory; the first argument is the path.
+_OPEN_EVENTS = {"open", "os.listdir", "os.scandir"}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_recording: list[list[Opened]] = []
+
+
+class Opened(NamedTuple):
+    path: Path  # symlinks resolved at the time of the call
+    write: bool
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if not _recording or event not in _OPEN_EVENTS or not args or not isinstance(args[0], str | bytes | os.PathLike):
+        return
+    path = os.fsdecode(args[0])
+    try:  # resolved now, while the symlinks are as the code under test followed them
+        path = os.path.realpath(path)
+    except (OSError, ValueError):  # the call itself fails on such a path; never change what it does
+        path = os.path.abspath(path)
+    mode, flags = (args[1], args[2]) if event == "open" and len(args) == 3 else (None, 0)
+    write = bool(isinstance(mode, str) and set(mode) & set("wax+")) or bool((flags or 0) & _WRITE_FLAGS)
+    _recording[-1].append(Opened(Path(path), write))
+
+
+@contextmanager
+def recorded_opens() -> Iterator[list[Opened]]:
+    """Every path this process opens (to read or write) or lists while the block runs (an audit hook)."""
+    if not getattr(sys, "_tests_open_audit", False):  # an audit hook cannot be removed: install it once
+        sys.addaudithook(_audit)
+        sys._tests_open_audit = True  # type: ignore[attr-defined]
+    opened: list[Opened] = []
+    _recording.append(opened)
+    try:
+        yield opened
+    finally:
+        _recording.remove(opened)

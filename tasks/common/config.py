@@ -26,6 +26,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LabelNoiseConfig(_Strict):
+    """The label-noise screen at ingest (tasks/data/noise.py): the champion scores each new
+    batch; rows it confidently assigns to another class are suspects."""
+
+    #: What a batch whose suspect rate is significantly above the champion's own gets: ``hold``
+    #: (the whole batch waits for ``ctl release``), ``quarantine_rows`` (only its suspect rows are
+    #: quarantined), ``off`` (no screen).
+    action: Literal["hold", "quarantine_rows", "off"] = "hold"
+    #: How sure the champion must be to call a row mislabelled. null: per-class thresholds, as in
+    #: confident learning (each class's mean predicted probability over the champion's held-out
+    #: images of that class); a number: one threshold for every class.
+    confidence: Annotated[float, Field(gt=0, le=1)] | None = None
+    #: Significance level of the one-sided binomial test of the batch's suspect count.
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    #: Added to the champion's own suspect rate (absolute: 0.01 = 1 point) before testing, so a
+    #: batch only slightly harder than the held-out images is not held (bench/label_noise.py
+    #: measures what it costs in detection).
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.01
+
+
 class IngestConfig(_Strict):
     landing_dir: str = "landing"
     #: Matched case-insensitively: stored lower-case.
@@ -33,6 +53,7 @@ class IngestConfig(_Strict):
     #: Bad rows are quarantined and the rest of the batch is ingested, unless more than this
     #: fraction of the batch is bad: then the whole batch is rejected (a sign of a broken export).
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.2
+    label_noise: LabelNoiseConfig = LabelNoiseConfig()
 
     @field_validator("image_extensions")
     @classmethod
@@ -53,6 +74,26 @@ class Thresholds(_Strict):
         return self
 
 
+class DriftConfig(_Strict):
+    """Significance levels of the label-drift test (tasks/data/validation.py): the p-value of a
+    chi-square test of homogeneity of a batch's label counts against all earlier batches'. Unlike
+    a fixed distance it accounts for the batch's size (40 labels differ from the reference by
+    chance far more than 3,000 do), so a clean batch warns with probability ``warn_alpha``
+    whatever its size. The Jensen-Shannon distance is reported beside it, as the size of the shift."""
+
+    #: Warn when a batch's p-value is below this; null: no warning.
+    warn_alpha: Annotated[float, Field(gt=0, lt=1)] | None = 0.01
+    #: Block (fail validation) below this; null: never blocks. At most ``warn_alpha``. A small
+    #: batch's p-value is simulated and never below 1e-4, so a lower level never blocks one.
+    block_alpha: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+    @model_validator(mode="after")
+    def _block_below_warn(self) -> DriftConfig:
+        if self.warn_alpha is not None and self.block_alpha is not None and self.block_alpha > self.warn_alpha:
+            raise ValueError(f"block_alpha ({self.block_alpha:g}) must not exceed warn_alpha ({self.warn_alpha:g})")
+        return self
+
+
 class ValidateConfig(_Strict):
     #: PIL format names; only these decoders are ever run on landed files.
     formats: tuple[str, ...] = ("PNG", "JPEG")
@@ -67,9 +108,9 @@ class ValidateConfig(_Strict):
     #: ``train.class_balance_ratio`` (1.5) the trainer compensates by default; the warning
     #: (at 2.0, less chatty than 1.5 on real data) says the data itself is skewed.
     class_imbalance: Thresholds = Thresholds(warn=2.0)
-    #: Jensen-Shannon distance (base 2, 0 = same, 1 = disjoint) between a batch's label
-    #: distribution and that of every batch ingested before it.
-    label_drift: Thresholds = Thresholds(warn=0.15)
+    #: Whether a batch's labels are distributed as those of every batch ingested before it. A
+    #: fixed Jensen-Shannon threshold (0.15) warned on 88 % of clean 40-image batches (bench/drift.py).
+    label_drift: DriftConfig = DriftConfig()
 
     @field_validator("formats", "modes")
     @classmethod
@@ -196,6 +237,9 @@ class EvaluateConfig(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 512
     #: Also score the fixed benchmark set in data/benchmark when it holds one.
     benchmark: bool = True
+    #: How many of each split's most confident mistakes go to reports/evaluation/mistakes_<split>.csv
+    #: and, as captioned thumbnails, mistakes_<split>.png (the grid draws at most 48).
+    mistakes: Annotated[int, Field(ge=0)] = 24
 
 
 class RegisterConfig(_Strict):

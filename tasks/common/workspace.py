@@ -141,6 +141,11 @@ class Workspace:
         return self.cache / "stage-results"
 
     @property
+    def stage_process(self) -> Path:
+        """The process group of the DVC stage running now, and the run that owns it (tasks/common/processes.py)."""
+        return self.cache / "stage-process.json"
+
+    @property
     def services(self) -> Path:
         return self.cache / "services"
 

@@ -107,7 +107,9 @@ def suite_expectations() -> list[Any]:
         )
         rules.append(
             rule(
-                gxe.ExpectColumnMaxToBeBetween(column="batch_label_drift", max_value=_param(f"label_drift_{level}")),
+                gxe.ExpectColumnMinToBeBetween(
+                    column="batch_label_drift_p", min_value=_param(f"label_drift_alpha_{level}")
+                ),
                 f"label_drift:{level}",
                 level,
             )
@@ -127,8 +129,8 @@ def expectation_parameters(cfg: PipelineConfig) -> dict[str, Any]:
         "min_images_per_class": v.min_images_per_class,
         "class_imbalance_warning": v.class_imbalance.warn,
         "class_imbalance_critical": v.class_imbalance.block,
-        "label_drift_warning": v.label_drift.warn,
-        "label_drift_critical": v.label_drift.block,
+        "label_drift_alpha_warning": v.label_drift.warn_alpha,
+        "label_drift_alpha_critical": v.label_drift.block_alpha,
     }
 
 

@@ -4,12 +4,13 @@ decoding them for training."""
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tasks.common.config import ValidateConfig
 from tasks.data.rows import (
@@ -42,7 +43,8 @@ def check_image(path: Path, cfg: ValidateConfig) -> ImageInfo:
     """Open with allow-listed decoders only, check the header, then decode.
 
     Sizes are checked from the header before any pixel is decoded, so a decompression bomb
-    never gets to allocate its memory; the full decode then catches truncated files.
+    never gets to allocate its memory; the full decode then catches truncated files. Size and
+    pixel hash are those of the upright image (``upright``), as training sees it.
     """
     if not path.is_file():
         raise RowProblem(MISSING_FILE, "file not found")
@@ -53,7 +55,9 @@ def check_image(path: Path, cfg: ValidateConfig) -> ImageInfo:
         with Image.open(path, formats=list(cfg.formats)) as img:
             info = _check_header(img, size, cfg)
             img.load()
-            digest = hashlib.sha256(f"{img.mode}:{img.width}x{img.height}:".encode() + img.tobytes()).hexdigest()
+            pixels = upright(img)
+            info.update(width=pixels.width, height=pixels.height)
+            digest = hashlib.sha256(f"{pixels.mode}:{pixels.width}x{pixels.height}:".encode() + pixels.tobytes())
     except RowProblem:
         raise
     except Image.DecompressionBombError as exc:
@@ -65,7 +69,7 @@ def check_image(path: Path, cfg: ValidateConfig) -> ImageInfo:
         raise RowProblem(UNREADABLE, f"not an image (allowed formats: {', '.join(cfg.formats)})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise RowProblem(UNREADABLE, f"cannot decode ({exc.__class__.__name__}: {exc})") from None
-    return ImageInfo(**{**info, "pixel_sha256": digest})
+    return ImageInfo(**{**info, "pixel_sha256": digest.hexdigest()})
 
 
 def sniff_format(path: Path) -> str | None:
@@ -99,6 +103,16 @@ def _check_header(img: Image.Image, size: int, cfg: ValidateConfig) -> dict[str,
     return {"width": width, "height": height, "format": img.format, "mode": img.mode, "channels": bands, "bytes": size}
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF (or XMP) Orientation tag says: cameras store pixels sideways and
+    say so there. Without a tag, the same pixels; with EXIF too corrupt to read, the pixels as stored."""
+    img.load()  # a decode error is the caller's to report, not a corrupt EXIF block
+    try:
+        return ImageOps.exif_transpose(img)
+    except (SyntaxError, TypeError, ValueError, struct.error):  # what Pillow raises on a corrupt EXIF block
+        return img
+
+
 def decode_image(source: Path | IO[bytes], size: int) -> np.ndarray:
     """A file (or an open stream of one) as the uint8 RGB array, ``size`` x ``size``, that the
     model is trained on. Prediction calls this too, so serving preprocesses exactly as training."""
@@ -107,7 +121,7 @@ def decode_image(source: Path | IO[bytes], size: int) -> np.ndarray:
 
 
 def to_stored_pixels(img: Image.Image, size: int) -> np.ndarray:
-    img = img.convert("RGB")
+    img = upright(img).convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8)

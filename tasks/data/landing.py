@@ -4,20 +4,26 @@ the batch, content hashes."""
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from tasks.common.config import PipelineConfig
 from tasks.common.errors import PipelineError
 from tasks.common.files import FileHashCache, read_json, sha256_lines
-from tasks.data.manifest import BATCH_INFO, REJECTED_INFO
-from tasks.data.rows import BAD_FILENAME, MISSING_FILE, PATH_OUTSIDE_BATCH, RowProblem
+from tasks.data.manifest import BATCH_INFO, REJECTED_INFO, RELEASED_INFO
+from tasks.data.rows import BAD_FILENAME, MISSING_FILE, PATH_OUTSIDE_BATCH, UNREADABLE, RowProblem
 
 LABELS_FILE = "labels.csv"
 
 BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+INVALID_NAME = (
+    "invalid batch name: use letters, digits, '.', '_' or '-' (at most 128), starting with a letter or digit; "
+    "rename the folder"
+)
 
 
 @dataclass(frozen=True)
@@ -35,23 +41,34 @@ def content_hash(rows: list[tuple[str, str, str]]) -> str:
     return sha256_lines("\t".join(row) for row in sorted(rows))
 
 
-def plan_batches(landing: dict[str, str], ingested: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Split landing batches (name -> content hash) into (to ingest, already ingested).
+class BatchPlan(NamedTuple):
+    new: list[str]  # to ingest
+    skipped: list[str]  # content already ingested (or landed beside, under an earlier name)
+    repeats: dict[str, str]  # skipped batch -> the batch of the same content, when the names differ
+
+
+def plan_batches(landing: dict[str, str], ingested: dict[str, str]) -> BatchPlan:
+    """Split landing batches (name -> content hash) into to ingest and already ingested.
 
     Raises when a batch name was ingested before with other content: landing batches are
     immutable, a corrected batch must come under a new name.
     """
-    known_hashes = set(ingested.values())
-    new, old = [], []
+    holder = {digest: name for name, digest in sorted(ingested.items(), reverse=True)}  # the first name wins
+    plan = BatchPlan([], [], {})
     for name, digest in sorted(landing.items()):
         if name in ingested and ingested[name] != digest:
             raise PipelineError(
                 f"batch {name!r} was already ingested with different content; landing batches are "
                 "immutable: deliver the corrected batch under a new name"
             )
-        (old if digest in known_hashes else new).append(name)
-        known_hashes.add(digest)  # a second copy of a batch landing in the same run is a no-op too
-    return new, old
+        if digest not in holder:
+            plan.new.append(name)
+            holder[digest] = name  # a second copy of a batch landing in the same run is a no-op too
+            continue
+        plan.skipped.append(name)
+        if holder[digest] != name:
+            plan.repeats[name] = holder[digest]
+    return plan
 
 
 class BatchRejected(PipelineError):
@@ -66,6 +83,8 @@ def resolve_inside(batch_dir: Path, rel: str) -> Path:
     """The file ``rel`` names, refusing anything that leaves the batch directory."""
     if not rel:
         raise RowProblem(MISSING_FILE, "no path given")
+    if "\x00" in rel:  # no file system takes it (and os calls raise ValueError on it)
+        raise RowProblem(BAD_FILENAME, "file name contains a NUL character")
     if Path(rel).is_absolute() or "\\" in rel:
         raise RowProblem(PATH_OUTSIDE_BATCH, f"path {rel!r} must be relative to the batch, with '/' separators")
     path = (batch_dir / rel).resolve()
@@ -96,7 +115,14 @@ def _read_labels_csv(batch_dir: Path) -> tuple[list[LabeledFile], list[str]]:
 
 def _read_image_folder(batch_dir: Path, extensions: tuple[str, ...]) -> list[LabeledFile]:
     rows = []
-    for class_dir in sorted(p for p in batch_dir.iterdir() if p.is_dir()):
+    class_dirs = sorted(p for p in batch_dir.iterdir() if p.is_dir())
+    if linked := [p.name for p in class_dirs if p.is_symlink()]:
+        # Never listed: the link may lead out of the batch. (rglob does not follow nested ones.)
+        raise BatchRejected(
+            batch_dir.name, "symlinked_class_folder",
+            f"class folder(s) {linked} are symbolic links; deliver the folders themselves",
+        )  # fmt: skip
+    for class_dir in class_dirs:
         for file in sorted(class_dir.rglob("*")):
             if file.is_file() and file.suffix.lower() in extensions:
                 rows.append(LabeledFile(file.relative_to(batch_dir).as_posix(), class_dir.name))
@@ -104,8 +130,19 @@ def _read_image_folder(batch_dir: Path, extensions: tuple[str, ...]) -> list[Lab
 
 
 def read_batch(batch_dir: Path, extensions: tuple[str, ...]) -> tuple[list[LabeledFile], list[str]]:
-    """The labelled files of a batch, from labels.csv or class sub-folders, and notes about it."""
+    """The labelled files of a batch, from labels.csv or class sub-folders, and notes about it.
+
+    A batch folder or labels.csv that is a symbolic link is refused unread: it may lead out of the batch.
+    """
     notes: list[str] = []
+    if batch_dir.is_symlink():
+        raise BatchRejected(
+            batch_dir.name, "symlinked_batch", "the batch folder is a symbolic link; deliver the folder itself"
+        )
+    if (batch_dir / LABELS_FILE).is_symlink():
+        raise BatchRejected(
+            batch_dir.name, "symlinked_labels", f"{LABELS_FILE} is a symbolic link; deliver the file itself"
+        )
     if (batch_dir / LABELS_FILE).is_file():
         rows, notes = _read_labels_csv(batch_dir)
     elif any(p.is_dir() for p in batch_dir.iterdir()):
@@ -136,9 +173,13 @@ def _resolve_row(batch_dir: Path, row: LabeledFile, cache: FileHashCache) -> _Ro
         except UnicodeEncodeError:
             raise RowProblem(BAD_FILENAME, "file name is not valid UTF-8") from None
         source = resolve_inside(batch_dir, row.path)
+        digest = cache.sha256(source) if source.is_file() else ""
     except RowProblem as problem:
         return _Row(row, None, "", problem)
-    return _Row(row, source, cache.sha256(source) if source.is_file() else "")
+    except OSError as exc:  # a name the file system refuses (too long), or a file it cannot read
+        reason = BAD_FILENAME if exc.errno == errno.ENAMETOOLONG else UNREADABLE
+        return _Row(row, None, "", RowProblem(reason, f"cannot read the file ({exc.strerror})"))
+    return _Row(row, source, digest)
 
 
 def hash_batch(
@@ -157,20 +198,36 @@ def printable(rel: str) -> str:
     return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
-def landing_batches(landing: Path) -> list[Path]:
+@dataclass
+class LandingScan:
+    """The folders of the landing zone, sorted by name."""
+
+    batches: list[Path] = field(default_factory=list)  # candidates (symlinked ones too: read_batch refuses them)
+    invalid: dict[str, str] = field(default_factory=dict)  # printable name -> why it is not a batch
+    in_progress: list[str] = field(default_factory=list)  # named '.x' or '_x': still being written
+
+
+def scan_landing(landing: Path) -> LandingScan:
+    """Sort the landing zone's folders into candidate batches, invalid names and batches in progress.
+    Never raises on a name: one misnamed folder must not block the others."""
     if not landing.is_dir():
         raise PipelineError(f"landing zone not found: {landing} (set ingest.landing_dir in params.yaml)")
-    batches = []
+    scan = LandingScan()
     for path in sorted(landing.iterdir()):
-        if not path.is_dir() or not is_candidate_batch(path.name):
+        if not path.is_dir():
             continue
-        if not BATCH_NAME.match(path.name):
-            raise PipelineError(
-                f"invalid batch name {path.name!r}: use letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
-        batches.append(path)
-    return batches
+        if not is_candidate_batch(path.name):
+            scan.in_progress.append(printable(path.name))
+        elif BATCH_NAME.match(path.name):
+            scan.batches.append(path)
+        else:
+            scan.invalid[printable(path.name)] = INVALID_NAME
+    return scan
+
+
+def landing_batches(landing: Path) -> list[Path]:
+    """The candidate batch folders (invalid names and batches in progress left out)."""
+    return scan_landing(landing).batches
 
 
 def ingested_batches(raw: Path) -> dict[str, str]:
@@ -185,4 +242,7 @@ def ingested_batches(raw: Path) -> dict[str, str]:
 
 
 def rejected_batches(quarantine: Path) -> set[str]:
-    return {p.parent.name for p in quarantine.glob(f"*/{REJECTED_INFO}")} if quarantine.is_dir() else set()
+    """Batches rejected (or held) and not released by an operator: later ingests skip them."""
+    if not quarantine.is_dir():
+        return set()
+    return {p.parent.name for p in quarantine.glob(f"*/{REJECTED_INFO}") if not (p.parent / RELEASED_INFO).is_file()}

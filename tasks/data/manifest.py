@@ -35,3 +35,6 @@ QUARANTINE_FILE = "quarantine.csv"
 QUARANTINE_COLUMNS = ("source_path", "label", "reason", "detail")
 
 REJECTED_INFO = "rejected.json"
+
+#: An operator's release of a batch held for label noise (tasks/label_noise.py): the next ingest takes it.
+RELEASED_INFO = "released.json"

@@ -96,6 +96,8 @@ def check_batch(rows: list[_Row], cfg: PipelineConfig, known: dict[str, KnownIma
             )
         elif pixels in known:
             problem = _against_known(acc, known[pixels])
+        elif pixels in seen and seen[pixels].item.source == acc.item.source:
+            problem = RowProblem(DUPLICATE, f"the same file listed again (first as {seen[pixels].item.row.path!r})")
         elif pixels in seen:
             problem = RowProblem(DUPLICATE, f"same image as {seen[pixels].item.row.path} in this batch")
         else:
@@ -113,10 +115,10 @@ def check_batch(rows: list[_Row], cfg: PipelineConfig, known: dict[str, KnownIma
 
 def too_many_bad(check: BatchCheck, cfg: PipelineConfig) -> str | None:
     """Why the whole batch is rejected, or None when its good rows can be ingested."""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in check.reasons().most_common())
     if not check.accepted:
-        return "no row of the batch is usable"
+        return f"no row of the batch is usable: {reasons}"
     if check.bad_fraction > cfg.ingest.max_bad_fraction:
-        reasons = ", ".join(f"{reason} {n}" for reason, n in check.reasons().most_common())
         return (
             f"{len(check.quarantined)} of {len(check.accepted) + len(check.quarantined)} rows are bad "
             f"({check.bad_fraction:.0%} > max_bad_fraction {cfg.ingest.max_bad_fraction:.0%}): {reasons}"

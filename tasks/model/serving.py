@@ -2,11 +2,11 @@
 
 What a caller sends is the file itself (PNG, JPEG, any size, any mode), so nobody has to know
 the training preprocessing: the model decodes each file exactly as the prepare stage does
-(``tasks.data.images.to_stored_pixels``: RGB, bicubic resize to ``prepare.image_size``), then
-the network applies its own resize and normalisation (``ImageClassifier``). The weights travel
-as safetensors plus ``model.json`` (no pickle of tensors), and this package's ``tasks`` code
-travels with the model (``code_paths``), so ``mlflow models serve`` needs only the Python
-packages in its requirements.
+(``tasks.data.images.to_stored_pixels``: turned upright per EXIF, RGB, bicubic resize to
+``prepare.image_size``), then the network applies its own resize and normalisation
+(``ImageClassifier``). The weights travel as safetensors plus ``model.json`` (no pickle of
+tensors), and this package's ``tasks`` code travels with the model (``code_paths``), so
+``mlflow models serve`` needs only the Python packages in its requirements.
 
 Input: a DataFrame with one ``image`` column of file bytes. Over HTTP (``mlflow models serve``)
 the column is declared binary, so MLflow's scoring server decodes base64 strings into bytes::
@@ -56,7 +56,7 @@ def decode_for_model(data: bytes, decoding: Decoding) -> np.ndarray:
     """``data`` (an encoded image) as uint8 (stored_size, stored_size, 3), as prepare stores it."""
     from PIL import Image, UnidentifiedImageError
 
-    from tasks.data.images import to_stored_pixels
+    from tasks.data.images import to_stored_pixels, upright
 
     if not data:
         raise ImageRejected("empty file")
@@ -66,7 +66,7 @@ def decode_for_model(data: bytes, decoding: Decoding) -> np.ndarray:
             if width * height > decoding.max_pixels:
                 raise ImageRejected(f"{width}x{height} pixels exceeds max_pixels {decoding.max_pixels:,}")
             img.load()
-            return to_stored_pixels(_eight_bit(img), decoding.stored_size)
+            return to_stored_pixels(_eight_bit(upright(img)), decoding.stored_size)  # turned before 16-bit scaling
     except ImageRejected:
         raise
     except UnidentifiedImageError:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class AuditEntry:
     """One alias decision: who, when, what moved where, and why."""
 
-    action: str  # promote | reject | rollback | approve (a person's decision)
+    action: str  # promote | reject | rollback | approve (a person's decision) | release (a held batch)
     model: str
     from_version: str | None  # the champion before
     to_version: str | None  # the champion after
@@ -208,6 +208,10 @@ def format_history(entries: list[dict[str, Any]]) -> str:
         return "no alias changes recorded yet"
     lines = []
     for e in entries:
+        if e["action"] == "release":  # a batch held by the label-noise screen, not a model version
+            batch = e.get("numbers", {}).get("batch", "?")
+            lines.append(f"{e['at']}  release  batch {batch}  by {e['actor']}: {e['reason']}")
+            continue
         lines.append(
             f"{e['at']}  {e['action']:<8} v{e['candidate']}  champion {e['from_version']} -> {e['to_version']}  "
             f"by {e['actor']}: {e['reason']}"

@@ -27,7 +27,7 @@ def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     commands = ("init", "benchmark", "run", "predict", "approve", "reject", "demo", "up", "down", "check", "retrain")
-    for command in (*commands, "watch", "stage", "status", "history", "rollback"):
+    for command in (*commands, "watch", "stage", "status", "history", "rollback", "release"):
         assert command in result.output
 
 

@@ -112,6 +112,44 @@ def test_champion_reloads_and_predicts_like_trained_model(trained: dict) -> None
     assert all(len(top) == 3 for top in out["top_classes"])
 
 
+def test_error_analysis_traces_mistakes_and_reaches_mlflow_and_prefect(trained: dict) -> None:
+    import csv
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.common.gallery import png_data_uri
+    from tasks.model.errors import mistakes_table
+
+    evaluation = trained["ws"] / "reports" / "evaluation"
+    with (evaluation / "predictions_test.csv").open(newline="") as fh:
+        predictions = {row["sha256"]: row for row in csv.DictReader(fh)}
+    with (evaluation / "mistakes_test.csv").open(newline="") as fh:
+        mistakes = list(csv.DictReader(fh))
+    wrong = sorted(
+        (float(r["confidence"]) for r in predictions.values() if r["actual"] != r["predicted"]), reverse=True
+    )
+    assert [float(m["confidence"]) for m in mistakes] == wrong[:24]  # evaluate.mistakes: the most confident, first
+    for mistake in mistakes:  # each one is its image's row of the predictions file, named as it landed
+        source = mistake.pop("source_path")
+        assert mistake == {k: predictions[mistake["sha256"]][k] for k in mistake}
+        landed = (trained["ws"] / "landing" / mistake["batch_id"] / source).read_bytes()
+        assert hashlib.sha256(landed).hexdigest() == mistake["sha256"]
+    client = registry_client(trained["ws"])
+    version = client.get_model_version_by_alias("tiny-classifier", "champion")
+    logged = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}
+    expected = {"mistakes_test.csv", "mistakes_test.png", "per_class_test.csv", "confusion_test.png"}
+    assert {f"evaluation/{name}" for name in expected} <= logged
+    with get_client(sync_client=True) as prefect:
+        keys = ["confusion-test", "mistakes-test", "mistakes-test-table"]
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    data = [a.data for a in artifacts]
+    assert any(png_data_uri(evaluation / "mistakes_test.png") in d for d in data)  # this workspace's grid
+    assert any(png_data_uri(evaluation / "confusion_test.png") in d for d in data)
+    if mistakes:
+        assert mistakes_table(evaluation, "test") in [json.loads(d) for d in data if d.startswith("[")]
+
+
 def test_markdown_artifact_summarises_run(trained: dict) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -182,7 +220,8 @@ def latest_artifact(key: str) -> str:
 def test_a_blocking_expectation_fails_the_flow_before_training(registered: Path) -> None:
     ws = registered
     params = tiny_params()
-    params["validate"]["label_drift"] = {"warn": 0.15, "block": 0.3}
+    params["validate"]["label_drift"] = {"warn_alpha": 0.01, "block_alpha": 0.001}
+    params["ingest"]["label_noise"]["action"] = "off"  # two thirds are mislabelled: the screen would hold it first
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_batch(ws / "landing" / "batch-002", 30, seed=2, labels_override={i: "red" for i in range(30)})
     landing, before = tree_digest(ws / "landing"), registry_state(ws)
@@ -190,8 +229,8 @@ def test_a_blocking_expectation_fails_the_flow_before_training(registered: Path)
 
     message = failed_flow_message(ws)
 
-    assert "data validation failed: label_drift:critical (observed 0." in message
-    assert "batch batch-002" in message
+    assert "data validation failed: label_drift:critical (observed " in message
+    assert "batch batch-002 (30 images): JS distance " in message
     assert tree_digest(ws / "landing") == landing
     assert registry_state(ws) == before
     summary = latest_artifact("data-validation")
@@ -213,6 +252,61 @@ def test_a_rejected_batch_is_reported_and_trains_nothing(registered: Path) -> No
     assert registry_state(ws) == before
     assert not (ws / "data" / "raw" / "batch-002").exists()
     assert "| `batch-002` | **rejected**, nothing ingested |" in latest_artifact("ingest-problems")
+
+
+def test_the_champion_holds_a_shifted_batch_until_an_operator_releases_it(
+    registered: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The motivating case: every label moved to the next class keeps the label distribution
+    # uniform, so no drift check sees it; the champion does. A clean batch beside it passes.
+    import csv
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.watch import watch_landing
+    from tasks.common.config import load_params
+    from tasks.common.errors import PipelineError
+    from tasks.common.gallery import png_data_uri
+    from tasks.common.workspace import Workspace
+    from tasks.ingest import run_ingest
+    from tests.helpers import TINY_CLASSES
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ws = registered
+    shifted = {i: TINY_CLASSES[(i + 1) % 3] for i in range(60)}  # write_batch draws class i % 3
+    write_batch(ws / "landing" / "batch-002", 60, seed=2, labels_override=shifted)
+    write_batch(ws / "landing" / "batch-003", 60, seed=3)
+
+    with pytest.raises(PipelineError, match=r"batch-002.*label_noise_suspected"):
+        watch_landing(workspace=str(ws))
+
+    held = ws / "data" / "quarantine" / "batch-002"
+    assert json.loads((held / "rejected.json").read_text())["reason"] == "label_noise_suspected"
+    with (held / "suspects.csv").open(newline="") as fh:
+        suspects = list(csv.DictReader(fh))
+    assert len(suspects) >= 20  # confident: at least its mean confidence on held-out images of that class
+    true_class = sum(s["predicted"] == TINY_CLASSES[int(s["source_path"][3:7]) % 3] for s in suspects)
+    assert true_class >= 0.8 * len(suspects)  # the champion's label is the image's real class
+    assert not (ws / "data" / "raw" / "batch-002").exists()
+    batch3 = json.loads((ws / "data" / "raw" / "batch-003" / "batch.json").read_text())
+    assert any(note.startswith("label-noise screen passed: ") for note in batch3["notes"]), batch3["notes"]
+    assert png_data_uri(held / "suspects.png") in latest_artifact("label-noise-suspects")
+    assert "ctl release <batch>" in latest_artifact("ingest-problems")
+    cfg = load_params(ws / "params.yaml")
+    assert run_ingest(cfg, Workspace(ws)).rejected == {}  # held: later ingests skip it, they do not re-judge it
+
+    runner = CliRunner()
+    assert "held for label noise: batch-002 (suspects:" in runner.invoke(app, ["status", "-w", str(ws)]).output
+    released = runner.invoke(app, ["release", "batch-002", "--reason", "labels checked with the team", "-w", str(ws)])
+    assert released.exit_code == 0, released.output
+    history = runner.invoke(app, ["history", "-w", str(ws)]).output
+    assert "release  batch batch-002  by cli:" in history and "labels checked with the team" in history
+
+    result = run_ingest(cfg, Workspace(ws))
+    assert result.ingested == ["batch-002"] and result.rejected == {}
+    assert any("label-noise screen skipped: released by cli:" in note for note in result.notes["batch-002"])
+    assert "batch-002" not in result.label_noise
 
 
 @pytest.mark.parametrize(

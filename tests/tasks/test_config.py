@@ -54,8 +54,10 @@ def test_the_shipped_params_are_the_code_defaults_plus_the_dataset_keys() -> Non
         ({"validate": {"min_image_side": 64, "max_image_side": 32}},
          "min_image_side (64) must not exceed max_image_side (32)"),
         ({"validate": {"max_pixels": 10}}, "max_pixels (10) is below min_image_side squared (64)"),
-        ({"validate": {"label_drift": {"warn": 0.5, "block": 0.2}}},
-         "'validate.label_drift': warn (0.5) must not exceed block (0.2)"),
+        ({"validate": {"class_imbalance": {"warn": 5, "block": 2}}},
+         "'validate.class_imbalance': warn (5) must not exceed block (2)"),
+        ({"validate": {"label_drift": {"warn_alpha": 0.01, "block_alpha": 0.05}}},
+         "'validate.label_drift': block_alpha (0.05) must not exceed warn_alpha (0.01)"),
         ({"train": {"epochs": 2, "head_warmup_epochs": 2}}, "'train': head_warmup_epochs (2) must be < epochs (2)"),
     ],
 )  # fmt: skip
@@ -138,6 +140,9 @@ def test_every_problem_is_reported_at_once() -> None:
         ("gate", {"min_accuracy": 1.5}, "'gate.min_accuracy'", "less than or equal to 1"),
         ("gate", {"significance": "maybe"}, "'gate.significance'", "'not_worse' or 'significantly_better'"),
         ("train", {"augment": {"translate": -1}}, "'train.augment.translate'", "greater than or equal to 0"),
+        ("validate", {"label_drift": {"warn_alpha": 1.5}}, "'validate.label_drift.warn_alpha'", "less than 1"),
+        ("ingest", {"label_noise": {"action": "drop"}}, "'ingest.label_noise.action'", "'hold', 'quarantine_rows' or"),
+        ("ingest", {"label_noise": {"alpha": 0}}, "'ingest.label_noise.alpha'", "greater than 0"),
     ],
 )
 def test_wrong_type_or_range_names_the_key_and_the_value(section: str, value: dict, where: str, wanted: str) -> None:
@@ -264,6 +269,13 @@ def test_validate_formats_must_be_known_to_pil() -> None:
 
 
 def test_validate_thresholds_reject_unknown_levels() -> None:
-    message = parse_error({"classes": ["a", "b"], "validate": {"label_drift": {"warn": 0.1, "stop": 0.5}}})
+    message = parse_error({"classes": ["a", "b"], "validate": {"class_imbalance": {"warn": 2, "stop": 5}}})
 
-    assert "unknown key 'validate.label_drift.stop'" in message
+    assert "unknown key 'validate.class_imbalance.stop'" in message
+
+
+def test_the_old_label_drift_distance_threshold_is_named_with_its_replacement() -> None:
+    # label_drift was a Jensen-Shannon threshold (warn: 0.15); it is now a test's significance level.
+    message = parse_error({"classes": ["a", "b"], "validate": {"label_drift": {"warn": 0.15}}})
+
+    assert "unknown key 'validate.label_drift.warn'; allowed: block_alpha, warn_alpha" in message

@@ -70,20 +70,22 @@ def test_content_hash_ignores_row_order_but_not_content() -> None:
 
 
 def test_plan_batches_splits_new_from_already_ingested() -> None:
-    new, old = plan_batches({"b3": "h3", "b1": "h1", "b2": "h2"}, {"b1": "h1"})
+    new, old, repeats = plan_batches({"b3": "h3", "b1": "h1", "b2": "h2"}, {"b1": "h1"})
 
     assert new == ["b2", "b3"]
     assert old == ["b1"]
+    assert repeats == {}  # the same batch again, not a copy under another name
 
 
 def test_plan_batches_skips_known_content_under_a_new_name() -> None:
-    new, old = plan_batches({"b1-copy": "h1"}, {"b1": "h1"})
+    new, old, repeats = plan_batches({"b1-copy": "h1"}, {"b1": "h1"})
 
     assert (new, old) == ([], ["b1-copy"])
+    assert repeats == {"b1-copy": "b1"}
 
 
 def test_plan_batches_with_nothing_landed() -> None:
-    assert plan_batches({}, {"b1": "h1"}) == ([], [])
+    assert plan_batches({}, {"b1": "h1"}) == ([], [], {})
 
 
 def test_plan_batches_refuses_changed_content_under_an_ingested_name() -> None:
@@ -254,11 +256,11 @@ def test_landing_batches_skips_hidden_and_in_progress_dirs(tmp_path: Path) -> No
     assert [p.name for p in landing_batches(tmp_path)] == ["b1", "b2"]
 
 
-def test_landing_batches_rejects_an_unsafe_batch_name(tmp_path: Path) -> None:
+def test_landing_batches_skips_an_unsafe_batch_name(tmp_path: Path) -> None:
     (tmp_path / "bad name").mkdir()
+    (tmp_path / "b1").mkdir()
 
-    with pytest.raises(PipelineError, match="invalid batch name 'bad name'"):
-        landing_batches(tmp_path)
+    assert [p.name for p in landing_batches(tmp_path)] == ["b1"]  # reported by scan_landing, never raised
 
 
 def test_landing_batches_needs_the_landing_zone(tmp_path: Path) -> None:
@@ -546,8 +548,8 @@ def test_check_batch_compares_with_ingested_images_by_pixels(
 
 
 def test_plan_batches_ingests_one_of_two_identical_new_batches() -> None:
-    new, old = plan_batches({"b1": "h", "b2": "h"}, {})
-    assert (new, old) == (["b1"], ["b2"])
+    new, old, repeats = plan_batches({"b1": "h", "b2": "h"}, {})
+    assert (new, old, repeats) == (["b1"], ["b2"], {"b2": "b1"})
 
 
 @pytest.mark.integration

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.stats import chi2, hypergeom
 
 from tasks.common.config import PipelineConfig, ValidateConfig
 from tasks.common.errors import PipelineError
@@ -21,7 +22,15 @@ from tasks.data.expectations import GX_DIR, SUITE, open_context, suite_expectati
 from tasks.data.images import check_image
 from tasks.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, read_all_manifests
 from tasks.data.rows import RowProblem, normalise_label
-from tasks.data.validation import batch_drifts, build_table, label_drift, render_summary
+from tasks.data.validation import (
+    LabelDrift,
+    batch_drifts,
+    build_table,
+    drift_p_value,
+    drift_report,
+    label_drift,
+    render_summary,
+)
 from tasks.validate import run_validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,15 +131,59 @@ def test_label_drift_is_the_jensen_shannon_distance() -> None:
     assert math.isnan(label_drift(Counter(a=1), Counter(), ("a", "b")))
 
 
+def test_drift_p_value_is_pearsons_chi_square_test_of_homogeneity() -> None:
+    batch, reference = Counter(a=30, b=50, c=20), Counter(a=300, b=400, c=300)
+    table = np.array([[30, 50, 20], [300, 400, 300]])
+    expected = np.outer(table.sum(1), table.sum(0)) / table.sum()
+    statistic = ((table - expected) ** 2 / expected).sum()  # by hand, no continuity correction
+
+    p_value, test = drift_p_value(batch, reference, ("a", "b", "c"))
+
+    assert test == "chi2" and p_value == pytest.approx(chi2.sf(statistic, df=2))
+
+
+def test_drift_p_value_accounts_for_the_batch_size_where_the_distance_cannot() -> None:
+    # The same 60/40 split against a 50/50 reference: sampling noise in 10 labels, a shift in 1,000.
+    reference = Counter(a=5000, b=5000)
+    small, large = Counter(a=6, b=4), Counter(a=600, b=400)
+
+    assert label_drift(small, reference, ("a", "b")) == pytest.approx(label_drift(large, reference, ("a", "b")))
+    assert drift_p_value(small, reference, ("a", "b"))[0] > 0.5
+    assert drift_p_value(large, reference, ("a", "b"))[0] < 1e-6
+
+
+def test_drift_p_value_is_simulated_when_expected_counts_are_small() -> None:
+    # 2 x 2 with expected counts below 5: the exact conditional p-value sums the hypergeometric
+    # probabilities of every table with these margins whose chi-square is at least the observed one.
+    batch, reference, classes = Counter(a=7, b=1), Counter(a=10, b=12), ("a", "b")
+
+    def statistic(a: int) -> float:
+        table = np.array([[a, 8 - a], [17 - a, 5 + a]])
+        expected = np.outer(table.sum(1), table.sum(0)) / table.sum()
+        return float(((table - expected) ** 2 / expected).sum())
+
+    exact = sum(hypergeom.pmf(a, 30, 17, 8) for a in range(9) if statistic(a) >= statistic(7) - 1e-9)
+    p_value, test = drift_p_value(batch, reference, classes)
+
+    assert test == "monte_carlo" and p_value == pytest.approx(exact, abs=0.01)
+    assert drift_p_value(batch, reference, classes) == (p_value, test)  # seeded: a re-run gives the same value
+
+
+def test_drift_p_value_with_nothing_to_test() -> None:
+    assert drift_p_value(Counter(a=5), Counter(), ("a", "b")) == (1.0, "none")  # the first batch
+    assert drift_p_value(Counter(a=5), Counter(a=9), ("a", "b")) == (1.0, "none")  # one class in both
+
+
 def test_batch_drifts_compare_each_batch_with_the_ones_before_it() -> None:
     rows = [{"batch_id": "b1", "label": "a"}, {"batch_id": "b1", "label": "b"}, {"batch_id": "b2", "label": "a"}]
     rows += [{"batch_id": "b3", "label": "a"}, {"batch_id": "b3", "label": "b"}]
 
     drifts = batch_drifts(rows, ("a", "b"))
 
-    assert math.isnan(drifts["b1"])
-    assert drifts["b2"] == pytest.approx(label_drift(Counter(a=1), Counter(a=1, b=1), ("a", "b")))
-    assert drifts["b3"] == pytest.approx(label_drift(Counter(a=1, b=1), Counter(a=2, b=1), ("a", "b")))
+    assert math.isnan(drifts["b1"].distance) and (drifts["b1"].p_value, drifts["b1"].test) == (1.0, "none")
+    b2, b3 = (Counter(a=1), Counter(a=1, b=1)), (Counter(a=1, b=1), Counter(a=2, b=1))
+    assert drifts["b2"] == LabelDrift(label_drift(*b2, ("a", "b")), *drift_p_value(*b2, ("a", "b")))
+    assert drifts["b3"] == LabelDrift(label_drift(*b3, ("a", "b")), *drift_p_value(*b3, ("a", "b")))
 
 
 # ---------------------------------------------------------------- the manifest table
@@ -174,6 +227,13 @@ def test_build_table_adds_split_and_dataset_columns(
     assert table.loc[table["batch_id"] == "b1", "batch_label_drift"].eq(0.0).all()
     b2_drift = label_drift(Counter(a=2), Counter(a=3, b=3), ("a", "b"))
     assert table.loc[table["batch_id"] == "b2", "batch_label_drift"].tolist() == pytest.approx([b2_drift] * 2)
+    assert table.loc[table["batch_id"] == "b1", "batch_label_drift_p"].eq(1.0).all()
+    b2_p = drift_p_value(Counter(a=2), Counter(a=3, b=3), ("a", "b"))[0]
+    assert table.loc[table["batch_id"] == "b2", "batch_label_drift_p"].tolist() == [b2_p] * 2
+    assert drift_report(table) == {
+        "b1": {"images": 6, "js_distance": 0.0, "p_value": 1.0, "test": "none"},
+        "b2": {"images": 2, "js_distance": round(b2_drift, 4), "p_value": float(f"{b2_p:.3g}"), "test": "monte_carlo"},
+    }
     assert table["labels_for_image"].eq(1).all() and table["splits_for_image"].eq(1).all()
     assert table["decodable"].all() and table["content_unchanged"].all()
 
@@ -196,15 +256,18 @@ def test_render_summary_names_rule_observed_value_and_rows() -> None:
         "passed": False, "n_images": 10, "n_batches": 1, "data_docs": "file:///docs/index.html",
         "failures": [{"rule": "class_min", "severity": "critical", "observed": 3, "rows": ["smallest class 'b' (3)"],
                       "more_rows": 0}],
-        "warnings": [{"rule": "label_drift:warning", "severity": "warning", "observed": 0.4, "rows": ["batch b2"],
+        "warnings": [{"rule": "label_drift:warning", "severity": "warning", "observed": 0.0021, "rows": ["batch b2"],
                       "more_rows": 7}],
+        "label_drift": {"b1": {"images": 6, "js_distance": 0.0, "p_value": 1.0, "test": "none"},
+                        "b2": {"images": 40, "js_distance": 0.4123, "p_value": 0.00211, "test": "monte_carlo"}},
     }  # fmt: skip
 
     text = render_summary(report)
 
     assert "Data validation FAILED" in text
     assert "| critical | class_min | 3 | smallest class 'b' (3) |" in text
-    assert "| warning | label_drift:warning | 0.4 | batch b2 (+7 more) |" in text
+    assert "| warning | label_drift:warning | 0.0021 | batch b2 (+7 more) |" in text
+    assert "Label drift of the newest batch b2 (40 images): JS distance 0.412, p = 0.0021 (monte_carlo)" in text
     assert text.endswith("Data Docs: file:///docs/index.html")
     assert len(text.splitlines()) < 25  # one screen
 
@@ -309,19 +372,28 @@ def test_run_validate_warns_on_label_drift_and_blocks_above_the_block_level(
     gx_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
 ) -> None:
     ws = gx_workspace
-    write_raw_batch(ws.raw, "b1", balanced(10), write_png)
-    write_raw_batch(ws.raw, "b2", balanced(6, ("a",), prefix="n"), write_png)
+    write_raw_batch(ws.raw, "b1", balanced(20), write_png)
+    write_raw_batch(ws.raw, "b2", balanced(16, ("a",), prefix="n"), write_png)
+    p_value, test = drift_p_value(Counter(a=16), Counter(a=10, b=10), ("a", "b"))
+    distance = label_drift(Counter(a=16), Counter(a=10, b=10), ("a", "b"))
+    assert p_value < 0.005 and test == "monte_carlo"
 
-    # A few images per class; label drift: warn 0.15 by default, no block level.
+    # A few images per class; label drift: warn below p = 0.01 by default, no block level.
     result = run_validate(make_cfg(validate={"min_images_per_class": 3}), ws)
 
     assert "label_drift:warning" in result.warnings
-    warning = {w["rule"]: w for w in read_json(ws.reports / "validate.json")["warnings"]}["label_drift:warning"]
-    assert warning["observed"] == pytest.approx(label_drift(Counter(a=6), Counter(a=5, b=5), ("a", "b")), abs=1e-4)
-    assert warning["rows"][-1] == "batch b2"
+    report = read_json(ws.reports / "validate.json")
+    warning = {w["rule"]: w for w in report["warnings"]}["label_drift:warning"]
+    assert warning["observed"] == pytest.approx(p_value, rel=0.01)
+    assert warning["rows"][-1] == f"batch b2 (16 images): JS distance {distance:.3f}, p = {p_value:.2g} (monte_carlo)"
+    assert report["label_drift"]["b2"] == {
+        "images": 16, "js_distance": round(distance, 4), "p_value": float(f"{p_value:.3g}"), "test": "monte_carlo"
+    }  # fmt: skip
+    assert f"Label drift of the newest {warning['rows'][-1]}" in (ws.reports / "validate.md").read_text()
 
+    strict = {"min_images_per_class": 3, "label_drift": {"warn_alpha": 0.01, "block_alpha": 0.005}}
     with pytest.raises(PipelineError, match="label_drift:critical"):
-        run_validate(make_cfg(validate={"min_images_per_class": 3, "label_drift": {"warn": 0.15, "block": 0.3}}), ws)
+        run_validate(make_cfg(validate=strict), ws)
 
 
 @pytest.mark.integration
