@@ -64,6 +64,9 @@ def build_deployments(ws: Workspace, cfg: PipelineConfig, interval_s: int | None
     return [watch, train, score]
 
 
+#: How often the serve process asks for runs to start: a retrain that ``dataset.updated``
+#: created waits up to this long before it starts (Prefect's default is 10 s).
+POLL_S = 2
 #: Flow runs started by the served deployments send a heartbeat this often (seconds) ...
 HEARTBEAT_S = 30
 #: ... and a run silent for this long (its process was killed) is marked Crashed.
@@ -147,7 +150,7 @@ def main() -> None:
     deployments = build_deployments(ws, load_params(ws.params), args.interval)
     if orphans := crash_orphaned_runs([d.name for d in deployments]):
         print(f"marked orphaned runs as crashed: {', '.join(orphans)}")
-    serve(*deployments)
+    serve(*deployments, query_seconds=POLL_S)
 
 
 if __name__ == "__main__":

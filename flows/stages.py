@@ -25,7 +25,6 @@ from tasks.common.processes import forget_stage_group, record_stage_group, stop_
 from tasks.common.stage import DVC_STAGES, RESULT_ENV, StageOutcome
 from tasks.common.workspace import Workspace
 from tasks.ingest import run_ingest
-from tasks.register import run_register, version_for_data
 
 
 class StageFailed(RuntimeError):
@@ -183,12 +182,16 @@ STAGE_TASKS: dict[str, Task] = {stage: task(run_dvc_stage, name=stage, task_run_
 
 @task(name="register", **IO_RETRIES)
 def register(workspace: str) -> dict[str, Any]:
+    from tasks.register import run_register  # imports torch, timm and mlflow: not at a watch tick's start-up
+
     ws = Workspace(Path(workspace))
     return asdict(run_register(load_params(ws.params), ws))
 
 
 @task(name="check-registry", **IO_RETRIES)
 def trained_version(workspace: str, data_hash: str) -> str | None:
+    from tasks.register import version_for_data
+
     ws = Workspace(Path(workspace))
     return version_for_data(load_params(ws.params), ws, data_hash)
 

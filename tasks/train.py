@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +21,11 @@ import torch
 
 from tasks.common.config import PipelineConfig, TrainConfig, load_params
 from tasks.common.errors import PipelineError
-from tasks.common.files import write_json
-from tasks.common.stage import run_cli
+from tasks.common.files import read_json, write_json
+from tasks.common.stage import run_cli, setup_cli_logging
 from tasks.common.workspace import Workspace
 from tasks.data.prepared import INDEX_FILE, images_path, load_split, read_split_hashes
+from tasks.model.distributed import SINGLE, Ranks, join_process_group, launch, leave_process_group
 from tasks.model.network import (
     MODEL_WEIGHTS,
     ImageClassifier,
@@ -122,10 +125,15 @@ def load_splits(prepared: Path, with_hashes: bool) -> dict[str, SplitData]:
 
 
 def training_inputs(
-    model: ImageClassifier, cfg: TrainConfig, ws: Workspace, splits: dict[str, SplitData], device: torch.device
+    model: ImageClassifier,
+    cfg: TrainConfig,
+    ws: Workspace,
+    splits: dict[str, SplitData],
+    device: torch.device,
+    ranks: Ranks = SINGLE,
 ) -> tuple[dict[str, Inputs], int]:
     if uses_feature_cache(cfg):
-        return cached_inputs(model, cfg, ws.features, splits, device)
+        return cached_inputs(model, cfg, ws.features, splits, device, ranks)
     if cfg.feature_cache:
         log.warning("feature_cache ignored: strategy %r with frozen_stages=%d freezes nothing",
                     cfg.strategy, cfg.frozen_stages)  # fmt: skip
@@ -136,12 +144,19 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_train(cfg: PipelineConfig, ws: Workspace) -> TrainResult:
+def run_train(cfg: PipelineConfig, ws: Workspace, ranks: Ranks | None = None) -> TrainResult:
+    """Train and write the model and reports. ``ranks``: this process's place in a multi-process run
+    (``train_process``); without it, ``train.processes`` (times ``train.nnodes``) above 1 launches them."""
+    if ranks is None and cfg.train.processes * cfg.train.nnodes > 1:
+        return launch_processes(cfg, ws)
+    ranks = ranks or SINGLE
     tcfg = effective_config(cfg.train)
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
     device = resolve_device(tcfg.device)
+    if ranks.distributed:
+        ranks, device = join_process_group(device)
     splits = load_splits(ws.prepared, with_hashes=uses_feature_cache(tcfg))
     if len(splits["train"].labels) == 0:
         raise PipelineError("the train split is empty")
@@ -156,16 +171,17 @@ def run_train(cfg: PipelineConfig, ws: Workspace) -> TrainResult:
     if tcfg.warm_start:  # same path, new champion: a checkpoint of the old one must not resume
         digest += file_digest(ws.root / tcfg.warm_start / MODEL_WEIGHTS)
     checkpoint = ws.checkpoints / input_fingerprint(cfg, digest) / "checkpoint.pt"
-    trainer = Trainer(model, tcfg, device, checkpoint)
+    trainer = Trainer(model, tcfg, device, checkpoint, ranks)
     started = time.monotonic()
-    inputs, computed = training_inputs(model, tcfg, ws, splits, device)
+    inputs, computed = training_inputs(model, tcfg, ws, splits, device, ranks)
     feature_seconds = time.monotonic() - started
     history = trainer.fit((inputs["train"], splits["train"].labels), (inputs["val"], splits["val"].labels))
     seconds = time.monotonic() - started
-    model.cpu()
-    save_model(model, spec, ws.models)
-    write_json(ws.models / "train_config.json", {"train": cfg.train.model_dump(), "classes": list(cfg.classes)})
-    write_history(ws.train_history, history)
+    if ranks.main:  # one writer; every rank holds the same model and history
+        model.cpu()
+        save_model(model, spec, ws.models)
+        write_json(ws.models / "train_config.json", {"train": cfg.train.model_dump(), "classes": list(cfg.classes)})
+        write_history(ws.train_history, history)
     result = TrainResult(
         epochs=len(history),
         val_accuracy=history[-1].val_accuracy,
@@ -179,9 +195,44 @@ def run_train(cfg: PipelineConfig, ws: Workspace) -> TrainResult:
         feature_seconds=feature_seconds,
         class_balance=trainer.balance.report(cfg.classes),
     )
-    write_json(ws.train_report, asdict(result))
-    shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    if ranks.main:
+        write_json(ws.train_report, asdict(result))
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return result
+
+
+def train_process(cfg: PipelineConfig, ws: Workspace, notes: Path) -> TrainResult:
+    """One of the processes ``launch_processes`` starts. A user error is also noted in ``notes``
+    (``<rank>.json``), so the launching process can repeat it as one line."""
+    rank = int(os.environ["RANK"])
+    setup_cli_logging(logging.INFO if rank == 0 else logging.ERROR)  # one process's log, not N copies
+    try:
+        return run_train(cfg, ws, Ranks(rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])))
+    except PipelineError as exc:
+        write_json(notes / f"{rank}.json", {"error": str(exc)})
+        raise SystemExit(2) from None  # not an exception with a traceback: the launcher repeats the note
+    finally:
+        leave_process_group()
+
+
+def launch_processes(cfg: PipelineConfig, ws: Workspace) -> TrainResult:
+    """Train in ``train.processes`` processes on this node (DistributedDataParallel) with torchrun's
+    launcher; the result of the lowest rank on this node (rank 0's on the first)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    tcfg = cfg.train
+    # torchrun would give each process 1 thread; share the cores instead (num_threads still wins).
+    os.environ.setdefault("OMP_NUM_THREADS", str(tcfg.num_threads or max(1, (os.cpu_count() or 1) // tcfg.processes)))
+    log.info("training in %d processes on each of %d node(s)", tcfg.processes, tcfg.nnodes)
+    with tempfile.TemporaryDirectory(prefix="train-ranks-") as notes:
+        try:
+            results = launch(train_process, (cfg, ws, Path(notes)), tcfg.processes, tcfg.nnodes)
+        except ChildFailedError as exc:
+            if noted := sorted(Path(notes).glob("*.json"), key=lambda p: int(p.stem)):
+                raise PipelineError(read_json(noted[0])["error"]) from None
+            ranks = ", ".join(str(rank) for rank in sorted(exc.failures))
+            raise RuntimeError(f"process(es) of rank {ranks} failed (torch's report is the cause below)") from exc
+    return results[min(results)]
 
 
 def main() -> None:

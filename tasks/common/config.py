@@ -164,9 +164,19 @@ class PrepareConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
+    """Random geometric augmentation of each training sample, composed into one affine resampling
+    of the model's input on the device. With the feature cache only ``hflip`` applies."""
+
     hflip: bool = True
-    #: Random translation by up to this many pixels of the model's input (padding + crop).
+    vflip: bool = False
+    #: Random shift by up to this many pixels of the model's input, each axis (border pixels fill in).
     translate: Annotated[int, Field(ge=0)] = 4
+    #: Random rotation by up to this many degrees either way.
+    rotation: Annotated[float, Field(ge=0, le=180)] = 0.0
+    #: Random horizontal shear by up to this many degrees either way.
+    shear: Annotated[float, Field(ge=0, lt=90)] = 0.0
+    #: Random scale change by up to this fraction: 0.1 draws a scale in [0.9, 1.1] (above 1 magnifies).
+    zoom: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 Strategy = Literal["feature_extraction", "partial", "fine_tune"]
@@ -194,12 +204,19 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: CPU threads; null lets torch decide.
     num_threads: Annotated[int, Field(ge=1)] | None = None
+    #: Training processes on each node; above 1 the stage launches them with torchrun's launcher and
+    #: trains with DistributedDataParallel (NCCL, one GPU each; gloo on CPU). ``batch_size`` stays
+    #: the whole batch of a step, split among them.
+    processes: Annotated[int, Field(ge=1)] = 1
+    #: Nodes, each running ``processes``; above 1 every node runs the stage with PET_RDZV_ENDPOINT
+    #: (host:port of the rendezvous) and PET_RDZV_ID set.
+    nnodes: Annotated[int, Field(ge=1)] = 1
     seed: int = 42
     augment: AugmentConfig = AugmentConfig()
     #: ``feature_extraction`` / ``partial``: compute the frozen layers' output once per image,
     #: keep it under .cache/features/ keyed by image hash, and train only the rest on it.
-    #: Random translation cannot be applied to cached features and is skipped; hflip uses
-    #: cached features of the mirrored image.
+    #: hflip uses cached features of the mirrored image; the other augmentations cannot be applied
+    #: to cached features and are skipped (one warning names them).
     feature_cache: bool = True
     #: Wrap the training forward pass in torch.compile (worth it on GPU; slower on CPU).
     compile: bool = False

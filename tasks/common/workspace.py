@@ -137,6 +137,11 @@ class Workspace:
         return self.cache / "landing-hashes.json"
 
     @property
+    def benchmark_checks(self) -> Path:
+        """check_image results for the benchmark's files, by content (tasks/data/image_cache.py)."""
+        return self.cache / "benchmark-images.json"
+
+    @property
     def stage_results(self) -> Path:
         return self.cache / "stage-results"
 

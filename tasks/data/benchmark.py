@@ -10,8 +10,9 @@ from tasks.common.config import PipelineConfig
 from tasks.common.errors import PipelineError
 from tasks.common.files import sha256_file
 from tasks.common.workspace import Workspace
+from tasks.data.image_cache import Check, ImageInfoCache
 from tasks.data.images import check_image
-from tasks.data.landing import read_batch, resolve_inside
+from tasks.data.landing import InsideBatch, read_batch
 from tasks.data.rows import RowProblem
 from tasks.data.splits import BENCHMARK
 
@@ -23,7 +24,8 @@ def benchmark_rows(benchmark_dir: Path, cfg: PipelineConfig) -> list[tuple[Path,
     classes = cfg.classes
     try:
         labelled, _ = read_batch(benchmark_dir, cfg.ingest.image_extensions)
-        rows = [(resolve_inside(benchmark_dir, r.path), r.label) for r in labelled]
+        inside = InsideBatch(benchmark_dir)
+        rows = [(inside.resolve(r.path), r.label) for r in labelled]
     except RowProblem as exc:  # the benchmark is ours, not a labeler's: any problem is fatal
         raise PipelineError(f"benchmark set {benchmark_dir}: {exc}") from None
     unknown = sorted({label for _, label in rows} - set(classes))
@@ -32,15 +34,19 @@ def benchmark_rows(benchmark_dir: Path, cfg: PipelineConfig) -> list[tuple[Path,
     return rows
 
 
-def benchmark_manifest(ws: Workspace, cfg: PipelineConfig) -> list[dict[str, str]]:
-    """The fixed benchmark set as manifest rows (empty when there is none)."""
-
+def benchmark_manifest(ws: Workspace, cfg: PipelineConfig, check: Check = check_image) -> list[dict[str, str]]:
+    """The fixed benchmark set as manifest rows (empty when there is none). Each file is decoded
+    only when its content is new to the cache in ``ws.benchmark_checks``."""
+    cache = ImageInfoCache(ws.benchmark_checks, cfg.validate_, check)
     rows = []
     for path, label in benchmark_rows(ws.benchmark, cfg):
-        info = check_image(path, cfg.validate_)
+        sha256 = sha256_file(path)
+        info = cache.check(path, sha256)
         rows.append({
             "path": path.relative_to(ws.benchmark).as_posix(), "source_path": path.relative_to(ws.benchmark).as_posix(),
-            "label": label, "sha256": sha256_file(path), "batch_id": BENCHMARK,
+            "label": label, "sha256": sha256, "batch_id": BENCHMARK,
             **asdict(info),
         })  # fmt: skip
+    if rows:
+        cache.save()
     return rows

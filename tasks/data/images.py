@@ -39,6 +39,12 @@ class ImageInfo:
     pixel_sha256: str
 
 
+#: Bump whenever check_image returns something else for the same file (what ``pixel_sha256``
+#: hashes, how the size is measured): results cached under another version are then ignored
+#: (tasks/data/image_cache.py). 2: size and pixel hash of the ``upright`` image.
+CHECK_VERSION = 2
+
+
 def check_image(path: Path, cfg: ValidateConfig) -> ImageInfo:
     """Open with allow-listed decoders only, check the header, then decode.
 

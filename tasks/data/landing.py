@@ -81,16 +81,41 @@ class BatchRejected(PipelineError):
 
 def resolve_inside(batch_dir: Path, rel: str) -> Path:
     """The file ``rel`` names, refusing anything that leaves the batch directory."""
-    if not rel:
-        raise RowProblem(MISSING_FILE, "no path given")
-    if "\x00" in rel:  # no file system takes it (and os calls raise ValueError on it)
-        raise RowProblem(BAD_FILENAME, "file name contains a NUL character")
-    if Path(rel).is_absolute() or "\\" in rel:
-        raise RowProblem(PATH_OUTSIDE_BATCH, f"path {rel!r} must be relative to the batch, with '/' separators")
-    path = (batch_dir / rel).resolve()
-    if not path.is_relative_to(batch_dir.resolve()):
-        raise RowProblem(PATH_OUTSIDE_BATCH, f"path {rel!r} points outside the batch")
-    return path
+    return InsideBatch(batch_dir).resolve(rel)
+
+
+class InsideBatch:
+    """``resolve_inside`` for the rows of one batch. The batch folder and each folder the rows name
+    are resolved once, so a row costs one lstat rather than one per path component (a watch tick
+    re-resolves every landed row)."""
+
+    def __init__(self, batch_dir: Path) -> None:
+        self.batch_dir = batch_dir
+        self._root = str(batch_dir.resolve())
+        self._inside = os.path.join(self._root, "")
+        self._folders: dict[str, str] = {}
+
+    def resolve(self, rel: str) -> Path:
+        if not rel:
+            raise RowProblem(MISSING_FILE, "no path given")
+        if "\x00" in rel:  # no file system takes it (and os calls raise ValueError on it)
+            raise RowProblem(BAD_FILENAME, "file name contains a NUL character")
+        if os.path.isabs(rel) or "\\" in rel:
+            raise RowProblem(PATH_OUTSIDE_BATCH, f"path {rel!r} must be relative to the batch, with '/' separators")
+        head, name = os.path.split(rel)
+        if name in ("", ".", ".."):
+            path = os.path.realpath(os.path.join(self.batch_dir, rel))
+        else:
+            # realpath resolves component by component: realpath(folder) + name is realpath(folder/name)
+            # unless name itself is a link.
+            if (folder := self._folders.get(head)) is None:
+                folder = self._folders[head] = os.path.realpath(os.path.join(self.batch_dir, head))
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                path = os.path.realpath(path)
+        if path != self._root and not path.startswith(self._inside):
+            raise RowProblem(PATH_OUTSIDE_BATCH, f"path {rel!r} points outside the batch")
+        return Path(path)
 
 
 def _read_labels_csv(batch_dir: Path) -> tuple[list[LabeledFile], list[str]]:
@@ -166,13 +191,13 @@ class _Row:
     problem: RowProblem | None = None
 
 
-def _resolve_row(batch_dir: Path, row: LabeledFile, cache: FileHashCache) -> _Row:
+def _resolve_row(batch: InsideBatch, row: LabeledFile, cache: FileHashCache) -> _Row:
     try:
         try:
             row.path.encode("utf-8")
         except UnicodeEncodeError:
             raise RowProblem(BAD_FILENAME, "file name is not valid UTF-8") from None
-        source = resolve_inside(batch_dir, row.path)
+        source = batch.resolve(row.path)
         digest = cache.sha256(source) if source.is_file() else ""
     except RowProblem as problem:
         return _Row(row, None, "", problem)
@@ -188,7 +213,8 @@ def hash_batch(
     """The batch's rows with their file hashes, the batch's content hash, and notes."""
     cache = cache or FileHashCache(None)
     labelled, notes = read_batch(batch_dir, cfg.ingest.image_extensions)
-    rows = [_resolve_row(batch_dir, row, cache) for row in labelled]
+    inside = InsideBatch(batch_dir)
+    rows = [_resolve_row(inside, row, cache) for row in labelled]
     digest = content_hash([(printable(r.row.path), r.row.label, r.sha256) for r in rows])
     return rows, digest, notes
 

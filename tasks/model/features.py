@@ -136,16 +136,25 @@ def compute_features(
 
 
 def ensure_features(
-    store: FeatureStore, hashes: list[str], images: np.ndarray, compute: Callable[[np.ndarray], np.ndarray]
+    store: FeatureStore,
+    hashes: list[str],
+    images: np.ndarray,
+    compute: Callable[[np.ndarray], np.ndarray],
+    share: tuple[int, int] = (0, 1),
 ) -> int:
-    """Compute and store the features of the images in ``hashes`` the store lacks; return how many."""
+    """Compute and store the features of the images in ``hashes`` the store lacks; return how many it lacked.
+
+    ``share`` (rank, processes): this process computes every processes-th of them from its rank, the
+    other processes the rest, each in shards of its own.
+    """
     missing = store.missing(hashes)
+    mine = missing[share[0] :: share[1]]
     started = time.monotonic()
-    for start in range(0, len(missing), SHARD_IMAGES):
-        positions = missing[start : start + SHARD_IMAGES]
+    for start in range(0, len(mine), SHARD_IMAGES):
+        positions = mine[start : start + SHARD_IMAGES]
         store.add([hashes[i] for i in positions], compute(images[np.asarray(positions)]))
         log.info(
             "features: %d/%d new images computed (%.0f img/s)",
-            start + len(positions), len(missing), (start + len(positions)) / (time.monotonic() - started),
+            start + len(positions), len(mine), (start + len(positions)) / (time.monotonic() - started),
         )  # fmt: skip
     return len(missing)

@@ -107,9 +107,9 @@ def test_unknown_nested_key_is_named_with_the_sections_allowed_keys() -> None:
 
 
 def test_unknown_key_two_levels_deep_lists_that_levels_keys() -> None:
-    message = parse_error({"classes": ["a", "b"], "train": {"augment": {"vflip": True}}})
+    message = parse_error({"classes": ["a", "b"], "train": {"augment": {"mirror": True}}})
 
-    assert "unknown key 'train.augment.vflip'; allowed: hflip, translate" in message
+    assert "unknown key 'train.augment.mirror'; allowed: hflip, rotation, shear, translate, vflip, zoom" in message
 
 
 def test_unknown_key_under_an_aliased_section_lists_its_keys() -> None:
@@ -140,6 +140,11 @@ def test_every_problem_is_reported_at_once() -> None:
         ("gate", {"min_accuracy": 1.5}, "'gate.min_accuracy'", "less than or equal to 1"),
         ("gate", {"significance": "maybe"}, "'gate.significance'", "'not_worse' or 'significantly_better'"),
         ("train", {"augment": {"translate": -1}}, "'train.augment.translate'", "greater than or equal to 0"),
+        ("train", {"augment": {"rotation": -5}}, "'train.augment.rotation'", "greater than or equal to 0"),
+        ("train", {"augment": {"rotation": 200}}, "'train.augment.rotation'", "less than or equal to 180"),
+        ("train", {"augment": {"shear": 90}}, "'train.augment.shear'", "less than 90"),
+        ("train", {"augment": {"zoom": 1.0}}, "'train.augment.zoom'", "less than 1"),
+        ("train", {"augment": {"zoom": -0.1}}, "'train.augment.zoom'", "greater than or equal to 0"),
         ("validate", {"label_drift": {"warn_alpha": 1.5}}, "'validate.label_drift.warn_alpha'", "less than 1"),
         ("ingest", {"label_noise": {"action": "drop"}}, "'ingest.label_noise.action'", "'hold', 'quarantine_rows' or"),
         ("ingest", {"label_noise": {"alpha": 0}}, "'ingest.label_noise.alpha'", "greater than 0"),

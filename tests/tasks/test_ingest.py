@@ -152,6 +152,29 @@ def test_resolve_inside_rejects_a_symlink_leaving_the_batch(tmp_path: Path) -> N
         resolve_inside(batch, "dir/secret.png")
 
 
+def test_one_resolver_per_batch_resolves_as_path_resolve(tmp_path: Path) -> None:
+    from tasks.data.landing import InsideBatch
+
+    batch = tmp_path / "b1"
+    (batch / "images" / "sub").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (batch / "inner").symlink_to(batch / "images")  # a link that stays inside
+    (batch / "images" / "up").symlink_to(tmp_path / "outside")
+    (batch / "images" / "a.png").symlink_to(batch / "images" / "sub" / "b.png")
+    (batch / "images" / "out.png").symlink_to(tmp_path / "outside" / "c.png")
+    inside = InsideBatch(batch)  # reused for every row, as hash_batch does
+    rels = ["x.png", "./x.png", "images/x.png", "images//x.png", "images/sub/../x.png", "images/sub/..",
+            "inner/x.png", "inner/../x.png", "images/a.png", "images/out.png", "images/up/c.png",
+            "images/up/../x.png", "missing/x.png", "images/sub/", "../b1/x.png"]  # fmt: skip
+    for rel in rels * 2:
+        expected = (batch / rel).resolve()
+        if expected.is_relative_to(batch.resolve()):
+            assert inside.resolve(rel) == expected, rel
+        else:
+            with pytest.raises(RowProblem, match="points outside the batch"):
+                inside.resolve(rel)
+
+
 # ---------------------------------------------------------------- reading a batch
 
 

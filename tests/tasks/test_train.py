@@ -425,6 +425,23 @@ def test_a_cached_training_step_matches_the_live_one_flips_included(tmp_path: Pa
     assert not torch.allclose(got, unflipped, rtol=1e-2, atol=2e-3)  # some samples really were mirrored
 
 
+def test_the_feature_cache_warns_once_naming_the_augmentations_it_skips(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    geometric = AugmentConfig(vflip=True, translate=2, rotation=15, shear=5, zoom=0.1)
+    cfg = TINY.model_copy(update={"frozen_stages": 3, "feature_cache": True, "augment": geometric})
+    splits = {"train": split_data(4, 0, "t"), "val": split_data(2, 1, "v")}
+
+    with caplog.at_level("WARNING", logger="tasks.model.trainer"):
+        cached_inputs(tiny_classifier(), cfg, tmp_path, splits, CPU)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "feature_cache: augment vflip, translate=2, rotation=15, shear=5, zoom=0.1 skipped "
+        "(cached features cannot be transformed; only hflip applies)"
+    ]
+
+
 def write_prepared(ws: Workspace, splits: dict[str, SplitData]) -> None:
     ws.prepared.mkdir(parents=True, exist_ok=True)
     rows = ["sha256,split,label,batch_id,path"]
