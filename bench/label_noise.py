@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.train_fmnist import parse_overrides
 from tasks.common.config import LabelNoiseConfig, TrainConfig, load_params
 from tasks.data.noise import profile, screen
 
@@ -35,17 +36,6 @@ log = logging.getLogger("bench.label_noise")
 SIZES = (40, 300, 3000)
 FRACTIONS = (0.05, 0.2, 1.0)
 KINDS = ("shifted", "flipped")
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def champion_scores(cache: Path, train_images: int, train: TrainConfig) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import yaml
 
+from flows.server import healthy
 from tasks.common.config import load_params
 from tasks.common.dvc import run_dvc
 from tasks.common.files import write_json
@@ -170,7 +171,7 @@ def served(root: Path, code: Path, batch: int, interval: int, idle_ticks: int = 
                    code, env, root / "server.log")  # fmt: skip
     serve = None
     try:
-        wait_for(lambda: _healthy(url), 120, "the Prefect server")
+        wait_for(lambda: healthy(url), 120, "the Prefect server")
         serve = start([sys.executable, "-m", "flows.deploy", "--workspace", str(ws.root), "--interval", str(interval)],
                       code, env, root / "serve.log")  # fmt: skip
         wait_for(lambda: completed(url)[idle_ticks:], idle_ticks * interval + 180, f"{idle_ticks + 1} watch ticks",
@@ -203,13 +204,6 @@ def served(root: Path, code: Path, batch: int, interval: int, idle_ticks: int = 
         "tick_end_to_retrain_created_s": round(ts(retrain["created"]) - ts(ingesting["end_time"]), 1),
         "retrain_created_to_running_s": round(ts(retrain["start_time"]) - ts(retrain["created"]), 1),
     }  # fmt: skip
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def main() -> None:
