@@ -48,10 +48,7 @@ class FileHashCache:
         """Keep only the files looked at this time, so the cache never outgrows the landing zone."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self._seen), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json(self.path, self._seen, indent=None)
 
 
 def sha256_lines(lines: Iterable[str]) -> str:
@@ -62,11 +59,12 @@ def sha256_lines(lines: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically so a crash never leaves a half-written report behind."""
+def write_json(path: Path, payload: Any, indent: int | None = 2) -> None:
+    """Write JSON atomically so a crash never leaves a half-written report behind (``indent=None``:
+    compact, for caches)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(payload, indent=indent, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import PIL
 
 from tasks.common.config import ValidateConfig
+from tasks.common.files import write_json
 from tasks.data.images import CHECK_VERSION, ImageInfo, check_image
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,5 @@ class ImageInfoCache:
         """Keep only the images looked at this time, so the cache never outgrows the set it serves."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
         payload = {"key": self.key, "images": {digest: asdict(info) for digest, info in self._seen.items()}}
-        tmp.write_text(json.dumps(payload), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json(self.path, payload, indent=None)
