@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,8 @@ def reference_rate(champion: NoiseProfile, alpha: float, tolerance: float) -> fl
     """The one-sided (1 - alpha) upper bound of the champion's own suspect rate, plus ``tolerance``."""
     if champion.n == 0:
         return 1.0
+    from scipy.stats import binomtest  # not at import: every watch tick imports ingest, few batches are screened
+
     bound = binomtest(champion.suspects, champion.n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact")
     return min(1.0, bound.high + tolerance)
 
@@ -99,6 +100,8 @@ def screen(
 ) -> NoiseScreen:
     """Suspects of a batch (``labels``: its given classes) and whether their count is
     significantly above the champion's own rate."""
+    from scipy.stats import binomtest
+
     suspects = find_suspects(labels, probabilities, champion.thresholds)
     # The class each suspect is put in: the most probable one other than its given label.
     others = probabilities[suspects].copy()
