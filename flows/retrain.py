@@ -24,6 +24,7 @@ from flows.stages import (
     gate,
     ingest,
     ingest_markdown,
+    parent,
     promote,
     publish_validation,
     register,
@@ -43,6 +44,7 @@ def summary_markdown(
     reg: dict[str, Any],
     ws: Workspace,
     decision: dict[str, Any] | None = None,
+    start: dict[str, Any] | None = None,
 ) -> str:
     metrics = read_json(ws.metrics) if ws.metrics.is_file() else {}
     train = read_json(ws.train_report) if ws.train_report.is_file() else {}
@@ -68,6 +70,8 @@ def summary_markdown(
             f"Training: {train['epochs']} epoch(s) on {train['device']}, {train['train_seconds']:.0f} s, "
             f"{train['images_per_s']:.0f} images/s, val accuracy {train['val_accuracy']:.4f}",
         ]
+    if start:
+        lines += ["", start_line(start, train)]
     if decision:
         lines += [
             "",
@@ -76,6 +80,17 @@ def summary_markdown(
         ]
     lines += ["", f"MLflow tracking URI: `{reg['tracking_uri']}`"]
     return "\n".join(lines)
+
+
+def start_line(start: dict[str, Any], train: dict[str, Any]) -> str:
+    """The parent step's decision, with the images the warm start used when train ran."""
+    if start["mode"] != "warm":
+        return f"Start: full retrain from the pretrained weights ({start['reason']})"
+    used = ""
+    if train.get("start") == f"warm v{start['parent_version']}":
+        replayed = train.get("replayed_images", 0)
+        used = f" on {train['train_images'] - replayed:,} new + {replayed:,} replayed images"
+    return f"Start: warm start from champion v{start['parent_version']}{used} ({start['reason']})"
 
 
 @flow(name="retrain", log_prints=True)
@@ -112,6 +127,7 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[st
         }
     if problems := ingest_markdown(ingested):
         create_markdown_artifact(problems, key="ingest-problems", description="Rejected and quarantined data")
+    start = parent(str(ws.root))
     stages = []
     for stage in DVC_STAGES:
         try:
@@ -130,10 +146,11 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[st
         if decision["action"] == "promote":
             reg["aliases"] = sorted({*reg["aliases"], "champion"})
     create_markdown_artifact(
-        summary_markdown(ingested, stages, reg, ws, decision), key="retrain-summary", description="Retrain run"
+        summary_markdown(ingested, stages, reg, ws, decision, start), key="retrain-summary", description="Retrain run"
     )
     logger.info("model %s version %s aliases %s", reg["model_name"], reg["version"], reg["aliases"])
-    return {"ingest": ingested, "stages": stages, "register": reg, "decision": decision, "skipped": None}
+    return {"ingest": ingested, "start": start, "stages": stages, "register": reg, "decision": decision,
+            "skipped": None}  # fmt: skip
 
 
 def _decide(ws: Workspace, version: str, verdict: dict[str, Any]) -> dict[str, Any]:

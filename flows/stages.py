@@ -58,6 +58,17 @@ def ingest(workspace: str) -> dict[str, Any]:
     return asdict(result)
 
 
+@task(name="parent", **IO_RETRIES)
+def parent(workspace: str) -> dict[str, Any]:
+    """Where training starts: the champion (a warm start) or the pretrained weights, and why."""
+    from tasks.parent import run_parent
+
+    ws = Workspace(Path(workspace))
+    decision = run_parent(load_params(ws.params), ws)
+    get_run_logger().info("training start: %s (%s)", decision.mode, decision.reason)
+    return decision.record()
+
+
 def publish_suspects(ws: Workspace, screens: dict[str, dict[str, Any]]) -> None:
     """The top suspected label errors of each batch the label-noise screen flagged, as a thumbnail grid."""
     from flows.artifacts import publish_png

@@ -144,6 +144,11 @@ def workspace_params(found: DatasetSurvey, model_name: str) -> str:
     epochs = choose_epochs(sum(found.counts.values()), defaults.train.batch_size, train_fraction, defaults.train.epochs)
     if epochs != defaults.train.epochs:
         text = set_param(text, "train.epochs", str(epochs), f"small dataset: at least {MIN_STEPS} optimizer steps")
+        share = defaults.train.warm_start_epochs / defaults.train.epochs
+        warm = max(defaults.train.warm_start_epochs, round(epochs * share))
+        text = set_param(
+            text, "train.warm_start_epochs", str(warm), f"small dataset: epochs x {share:.2g}, as in the defaults"
+        )
     if smallest < 20:
         text = set_param(
             text, "validate.min_images_per_class", str(smallest), "lowered to the smallest class of the first folder"

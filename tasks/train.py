@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tasks.common.config import PipelineConfig, TrainConfig, load_params
@@ -24,7 +25,7 @@ from tasks.common.errors import PipelineError
 from tasks.common.files import read_json, write_json
 from tasks.common.stage import run_cli, setup_cli_logging
 from tasks.common.workspace import Workspace
-from tasks.data.prepared import INDEX_FILE, images_path, load_split, read_split_hashes
+from tasks.data.prepared import INDEX_FILE, images_path, load_split, read_index, read_split_hashes
 from tasks.model.distributed import SINGLE, Ranks, join_process_group, launch, leave_process_group
 from tasks.model.network import (
     MODEL_WEIGHTS,
@@ -50,6 +51,7 @@ from tasks.model.trainer import (
     resolve_device,
     uses_feature_cache,
 )
+from tasks.model.warm_start import StartDecision, warm_rows
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,11 @@ class TrainResult:
     #: The class-imbalance decision (mode, ratio, per-class counts and loss weights). A dict, so
     #: register's metric logging (ints and floats only) skips it.
     class_balance: dict[str, object] = field(default_factory=dict)
+    #: ``full`` (from the pretrained weights), ``warm v<N>`` (the champion) or ``warm <dir>``.
+    start: str = "full"
+    #: Train images this run used: all of the split, or a warm start's new plus replayed ones.
+    train_images: int = 0
+    replayed_images: int = 0
 
 
 def write_history(path: Path, history: list[EpochStats]) -> None:
@@ -89,17 +96,71 @@ def warm_start_weights(directory: Path, backbone: str, classes: tuple[str, ...])
     return state
 
 
-def build_classifier(cfg: PipelineConfig, root: Path = Path()) -> tuple[ImageClassifier, ModelSpec]:
-    """The model to train: pretrained ``weights``, or the ``warm_start`` model (relative to ``root``)."""
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts and which train rows it uses."""
+
+    #: A saved model directory to start from; None: the pretrained ``weights``.
+    model_dir: Path | None = None
+    #: The train rows (ascending indices); None: all of them.
+    rows: np.ndarray | None = None
+    #: How many of ``rows`` come from batches the parent did not see (the rest are replayed).
+    new_rows: int = 0
+    #: The parent step's decision, when it made this one.
+    decision: StartDecision | None = None
+
+    @property
+    def warm(self) -> bool:
+        return self.model_dir is not None
+
+    @property
+    def label(self) -> str:
+        """For train.json: ``full``, ``warm v<parent>`` or ``warm <model dir>``."""
+        if self.decision is not None and self.decision.mode == "warm":
+            return f"warm v{self.decision.parent_version}"
+        return "full" if self.model_dir is None else f"warm {self.model_dir}"
+
+    def describe(self, tcfg: TrainConfig) -> str:
+        if self.decision is not None and self.decision.mode == "warm":
+            return f"warm start from champion v{self.decision.parent_version}"
+        if self.model_dir is not None:
+            return f"warm start {self.model_dir}"
+        return f"{tcfg.weights} weights" + (f" ({self.decision.reason})" if self.decision else "")
+
+
+def plan_start(cfg: PipelineConfig, ws: Workspace) -> Start:
+    """``train.warm_start``: null starts from ``weights``; a path starts from that model on every
+    image; ``auto`` follows the parent step's decision in data/parent (tasks/parent.py)."""
+    choice = cfg.train.warm_start
+    if choice is None:
+        return Start()
+    if choice != "auto":
+        return Start(ws.root / choice)
+    if not ws.parent_record.is_file():  # run_train called without the parent step (not through DVC)
+        log.info("no %s: training from the pretrained weights", ws.parent_record.relative_to(ws.root))
+        return Start()
+    decision = StartDecision.from_record(read_json(ws.parent_record))
+    if decision.mode != "warm":
+        return Start(decision=decision)
+    batch_ids = [row["batch_id"] for row in read_index(ws.prepared).get("train", [])]
+    rows, new = warm_rows(batch_ids, set(decision.parent_batches), cfg.train.warm_start_replay, cfg.train.seed)
+    if new == 0:  # a small batch can land wholly in val/test
+        log.warning("the new batches put no image in the train split: the warm start trains on all of it")
+        return Start(ws.parent, None, 0, decision)
+    return Start(ws.parent, rows, new, decision)
+
+
+def build_classifier(cfg: PipelineConfig, start: Start = Start()) -> tuple[ImageClassifier, ModelSpec]:
+    """The model to train: pretrained ``weights``, or the model ``start`` names."""
     tcfg = cfg.train
     try:
-        weights = "none" if tcfg.warm_start else tcfg.weights  # a warm start overwrites every tensor
+        weights = "none" if start.warm else tcfg.weights  # a warm start overwrites every tensor
         backbone = build_model(tcfg.backbone, len(cfg.classes), weights, tcfg.drop_rate)
     except ModelError as exc:
         raise PipelineError(str(exc)) from None
-    if tcfg.warm_start:
-        backbone.load_state_dict(warm_start_weights(root / tcfg.warm_start, tcfg.backbone, cfg.classes))
-        log.info("warm start from %s", root / tcfg.warm_start)
+    if start.model_dir is not None:
+        backbone.load_state_dict(warm_start_weights(start.model_dir, tcfg.backbone, cfg.classes))
+        log.info("warm start from %s", start.model_dir)
     spec = ModelSpec(
         backbone=tcfg.backbone,
         classes=cfg.classes,
@@ -109,7 +170,8 @@ def build_classifier(cfg: PipelineConfig, root: Path = Path()) -> tuple[ImageCla
     return ImageClassifier(backbone, spec), spec
 
 
-def load_splits(prepared: Path, with_hashes: bool) -> dict[str, SplitData]:
+def load_splits(prepared: Path, with_hashes: bool, train_rows: np.ndarray | None = None) -> dict[str, SplitData]:
+    """The train and val splits; ``train_rows``: only those rows of train (a warm start's)."""
     splits = {}
     hashes = read_split_hashes(prepared) if with_hashes else {}
     for name in ("train", "val"):
@@ -120,6 +182,9 @@ def load_splits(prepared: Path, with_hashes: bool) -> dict[str, SplitData]:
                 f"{prepared / INDEX_FILE} lists {len(split_hashes)} {name} images, "
                 f"{images_path(prepared, name).name} has {len(labels)}; run the prepare stage again"
             )
+        if name == "train" and train_rows is not None:
+            images, labels = images[train_rows], labels[train_rows]
+            split_hashes = [split_hashes[i] for i in train_rows] if with_hashes else split_hashes
         splits[name] = SplitData(images, labels, split_hashes)
     return splits
 
@@ -150,26 +215,30 @@ def run_train(cfg: PipelineConfig, ws: Workspace, ranks: Ranks | None = None) ->
     if ranks is None and cfg.train.processes * cfg.train.nnodes > 1:
         return launch_processes(cfg, ws)
     ranks = ranks or SINGLE
-    tcfg = effective_config(cfg.train)
+    start = plan_start(cfg, ws)
+    tcfg = effective_config(cfg.train, start.warm)
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
     device = resolve_device(tcfg.device)
     if ranks.distributed:
         ranks, device = join_process_group(device)
-    splits = load_splits(ws.prepared, with_hashes=uses_feature_cache(tcfg))
+    splits = load_splits(ws.prepared, with_hashes=uses_feature_cache(tcfg), train_rows=start.rows)
     if len(splits["train"].labels) == 0:
         raise PipelineError("the train split is empty")
-    model, spec = build_classifier(cfg, ws.root)
+    model, spec = build_classifier(cfg, start)
     log.info(
         "training %s (%s, %s) on %s: %d train / %d val images at %dpx, %d epochs",
-        tcfg.backbone, f"warm start {tcfg.warm_start}" if tcfg.warm_start else f"{tcfg.weights} weights",
-        tcfg.strategy, device, len(splits["train"].labels), len(splits["val"].labels),
-        spec.preprocessing.input_size, tcfg.epochs,
+        tcfg.backbone, start.describe(tcfg), tcfg.strategy, device, len(splits["train"].labels),
+        len(splits["val"].labels), spec.preprocessing.input_size, tcfg.epochs,
     )  # fmt: skip
+    if start.rows is not None:
+        log.info("warm start rows: %d new, %d replayed", start.new_rows, len(start.rows) - start.new_rows)
     digest = file_digest(ws.prepared / INDEX_FILE)
-    if tcfg.warm_start:  # same path, new champion: a checkpoint of the old one must not resume
-        digest += file_digest(ws.root / tcfg.warm_start / MODEL_WEIGHTS)
+    if start.model_dir is not None:  # same path, new champion: a checkpoint of the old one must not resume
+        digest += file_digest(start.model_dir / MODEL_WEIGHTS)
+    if start.rows is not None:
+        digest += hashlib.sha256(start.rows.tobytes()).hexdigest()
     checkpoint = ws.checkpoints / input_fingerprint(cfg, digest) / "checkpoint.pt"
     trainer = Trainer(model, tcfg, device, checkpoint, ranks)
     started = time.monotonic()
@@ -194,6 +263,9 @@ def run_train(cfg: PipelineConfig, ws: Workspace, ranks: Ranks | None = None) ->
         features_computed=computed,
         feature_seconds=feature_seconds,
         class_balance=trainer.balance.report(cfg.classes),
+        start=start.label,
+        train_images=len(splits["train"].labels),
+        replayed_images=0 if start.rows is None else len(start.rows) - start.new_rows,
     )
     if ranks.main:
         write_json(ws.train_report, asdict(result))

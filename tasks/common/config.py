@@ -220,12 +220,19 @@ class TrainConfig(_Strict):
     feature_cache: bool = True
     #: Wrap the training forward pass in torch.compile (worth it on GPU; slower on CPU).
     compile: bool = False
-    #: A model directory written by save_model to start from (same backbone and classes);
-    #: null starts from ``weights``. A warm start runs ``warm_start_epochs``, not ``epochs``.
-    warm_start: str | None = None
+    #: ``auto``: start from the champion when the ``parent`` step found a compatible one
+    #: (tasks/model/warm_start.py) and train on the new batches plus a replay sample; null: always
+    #: start from ``weights``; a model directory written by save_model (same backbone and classes):
+    #: start from it, on every image. A warm start runs ``warm_start_epochs``, not ``epochs``.
+    warm_start: str | None = "auto"
     warm_start_epochs: Annotated[int, Field(ge=1)] = 1
-    #: lr multiplier when warm-starting: the start is already a good solution, full-size steps move it away.
-    warm_start_lr_mult: Annotated[float, Field(gt=0, le=1)] = 0.3
+    #: Earlier train images replayed per new one in an automatic warm start (a seeded sample).
+    warm_start_replay: Annotated[float, Field(ge=0)] = 1.0
+    #: At most this many automatic warm starts in a row; the next retrain starts from ``weights``.
+    warm_start_full_every: Annotated[int, Field(ge=1)] = 5
+    #: lr multiplier when warm-starting. The champion ended its schedule at lr 0: restarting near full
+    #: lr undoes part of it (bench/incremental.py, 40,000 -> 44,000 images: 0.3 lost 0.6 points).
+    warm_start_lr_mult: Annotated[float, Field(gt=0, le=1)] = 0.03
     #: Scale ``lr`` with batch_size / base_batch_size: none | linear | sqrt.
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     base_batch_size: Annotated[int, Field(ge=1)] = 128

@@ -24,7 +24,7 @@ DVC_STAGES: tuple[str, ...] = ("validate", "prepare", "train", "evaluate")
 
 #: The steps with a ``tasks/<name>.py`` command of their own (``ctl stage NAME``); gate and
 #: promote run inside the retrain flow, and promote's registry commands are ``ctl status`` & co.
-STEPS: tuple[str, ...] = ("ingest", *DVC_STAGES, "register")
+STEPS: tuple[str, ...] = ("ingest", "parent", *DVC_STAGES, "register")
 
 #: The flow sets this variable to a file path; the stage writes its ``StageOutcome`` there as
 #: JSON. No file after ``dvc repro`` means DVC skipped the stage (nothing changed).

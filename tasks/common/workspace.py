@@ -53,6 +53,16 @@ class Workspace:
         return self.root / "data" / "prepared"
 
     @property
+    def parent(self) -> Path:
+        """What the train stage starts from: the parent step's decision and, for a warm start,
+        the champion's weights (DVC-tracked, a dep of train)."""
+        return self.root / "data" / "parent"
+
+    @property
+    def parent_record(self) -> Path:
+        return self.parent / "parent.json"
+
+    @property
     def models(self) -> Path:
         return self.root / "models"
 

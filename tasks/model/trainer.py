@@ -75,10 +75,10 @@ def scaled_lr(cfg: TrainConfig) -> float:
     return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
 
 
-def effective_config(cfg: TrainConfig) -> TrainConfig:
+def effective_config(cfg: TrainConfig, warm: bool) -> TrainConfig:
     """The schedule a run follows: a warm start runs ``warm_start_epochs`` at ``lr * warm_start_lr_mult``
     and no head warm-up (its head is already trained)."""
-    if cfg.warm_start is None:
+    if not warm:
         return cfg
     update = {"epochs": cfg.warm_start_epochs, "head_warmup_epochs": 0, "lr": cfg.lr * cfg.warm_start_lr_mult}
     return cfg.model_copy(update=update)

@@ -13,6 +13,7 @@ from tasks.common.dvc import dvc_data_hash
 from tasks.common.errors import PipelineError
 from tasks.common.files import read_json
 from tasks.common.workspace import Workspace
+from tasks.model.warm_start import PARENT_TAG, START_TAG, WARM_STARTS_TAG
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -50,6 +51,20 @@ def collect_lineage(cfg: PipelineConfig, ws: Workspace) -> dict[str, str]:
         "batch_ids": ",".join(validation["batches"]),
         "n_images": str(validation["n_images"]),
         "classes": json.dumps(list(cfg.classes)),
+        **start_tags(ws),
+    }
+
+
+def start_tags(ws: Workspace) -> dict[str, str]:
+    """What the model started from (the train stage's report and the parent step's decision)."""
+    start = read_json(ws.train_report).get("start", "full") if ws.train_report.is_file() else "full"
+    decision = read_json(ws.parent_record) if ws.parent_record.is_file() else {}
+    from_champion = start.startswith("warm v") and decision.get("mode") == "warm"
+    return {
+        START_TAG: start.split(" ", 1)[0],
+        PARENT_TAG: str(decision["parent_version"]) if from_champion else "none",
+        WARM_STARTS_TAG: str(decision.get("warm_starts_in_row", 0)) if from_champion else "0",
+        "training_start_reason": decision.get("reason", "")[:500],
     }
 
 

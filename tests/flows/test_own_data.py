@@ -82,6 +82,8 @@ def test_init_infers_classes_and_image_sizes_and_versions_the_workspace(own: dic
     assert own["initial"]["classes"] == list(CLASSES)
     assert own["initial"]["prepare"]["image_size"] == 32  # the images' own side
     assert own["initial"]["train"]["image_size"] == 64  # upscaled to what the backbone needs
+    # 400 images: 30 epochs for 150 optimizer steps, and a warm start keeps the defaults' share (1 of 3)
+    assert (own["initial"]["train"]["epochs"], own["initial"]["train"]["warm_start_epochs"]) == (30, 10)
     assert "ctl init from digits" in run(["git", "log", "--format=%s"], ws).stdout
     assert (ws / ".dvc" / "config").is_file() and (ws / "dvc.yaml").is_file() and (ws / "tasks").is_dir()
     assert sum(1 for _ in (ws / "landing" / "digits").rglob("*.png")) == 400

@@ -309,6 +309,65 @@ def test_the_champion_holds_a_shifted_batch_until_an_operator_releases_it(
     assert "batch-002" not in result.label_noise
 
 
+def test_a_new_batch_warm_starts_from_the_champion_with_lineage_and_repro_agrees(
+    registered: Path, trained: dict
+) -> None:
+    """The parent step fetches the champion from the registry; train fine-tunes it on the new
+    batch's train rows plus as many replayed ones; the version names its parent; dvc.lock
+    records data/parent, so `dvc repro` has nothing to do; a rerun changes nothing."""
+    from flows.retrain import retrain
+    from tasks.data.prepared import read_index
+
+    ws = registered
+    write_batch(ws / "landing" / "batch-002", 60, seed=11)
+    result = retrain(workspace=str(ws))
+
+    start = result["start"]
+    assert (start["mode"], start["parent_version"], start["new_batches"]) == ("warm", "1", ["batch-002"])
+    assert start["warm_starts_in_row"] == 1
+    champion_weights = (trained["ws"] / "models" / "model.safetensors").read_bytes()  # v1, trained there
+    assert (ws / "data" / "parent" / "model.safetensors").read_bytes() == champion_weights
+    train_rows = read_index(ws / "data" / "prepared")["train"]
+    new = sum(r["batch_id"] == "batch-002" for r in train_rows)
+    report = json.loads((ws / "reports" / "train.json").read_text())
+    assert report["start"] == "warm v1" and report["epochs"] == 1  # warm_start_epochs
+    assert (report["train_images"], report["replayed_images"]) == (2 * new, new)  # warm_start_replay 1.0
+    version = registry_client(ws).get_model_version("tiny-classifier", result["register"]["version"])
+    assert version.version == 2
+    assert (version.tags["training_start"], version.tags["parent_version"]) == ("warm", "1")
+    assert version.tags["warm_starts_in_row"] == "1" and "batch-002" in version.tags["training_start_reason"]
+    summary = latest_artifact("retrain-summary")
+    assert f"Start: warm start from champion v1 on {new:,} new + {new:,} replayed images" in summary
+
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    parent_dep = next(d for d in lock["stages"]["train"]["deps"] if d["path"] == "data/parent")
+    assert parent_dep["md5"] == yaml.safe_load((ws / "data" / "parent.dvc").read_text())["outs"][0]["md5"]
+    assert "up to date" in dvc(ws, "status").stdout
+
+    again = retrain(workspace=str(ws))
+    assert again["start"] == start and not any(s["ran"] for s in again["stages"])
+    assert again["register"]["created"] is False
+
+
+def test_warm_start_null_makes_the_parent_step_choose_a_full_retrain(registered: Path) -> None:
+    from tasks.common.config import load_params
+    from tasks.common.workspace import Workspace
+    from tasks.ingest import run_ingest
+    from tasks.parent import run_parent
+
+    params = yaml.safe_load((registered / "params.yaml").read_text())
+    params["train"]["warm_start"] = None
+    (registered / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_batch(registered / "landing" / "batch-002", 30, seed=12)
+    cfg, ws = load_params(registered / "params.yaml"), Workspace(registered)
+    run_ingest(cfg, ws)
+    decision = run_parent(cfg, ws)
+
+    assert decision.mode == "full" and decision.parent_version is None
+    assert "train.warm_start is null" in decision.reason
+    assert sorted(p.name for p in (registered / "data" / "parent").iterdir()) == ["parent.json"]  # no weights
+
+
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [

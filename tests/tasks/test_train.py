@@ -12,7 +12,7 @@ import torch
 
 from tasks.common.config import AugmentConfig, PipelineConfig, TrainConfig
 from tasks.common.errors import PipelineError
-from tasks.common.files import read_json
+from tasks.common.files import read_json, write_json
 from tasks.common.workspace import Workspace
 from tasks.data.prepared import load_split, write_index
 from tasks.model.network import (
@@ -41,6 +41,7 @@ from tasks.model.trainer import (
     scaled_lr,
     uses_feature_cache,
 )
+from tasks.model.warm_start import StartDecision
 from tasks.train import run_train
 
 LITE0 = "tf_efficientnet_lite0"
@@ -356,9 +357,9 @@ def test_optimizer_uses_the_scaled_rate() -> None:
 
 def test_effective_config_for_a_warm_start_runs_its_own_epochs_and_rate_without_head_warmup() -> None:
     cold = TrainConfig(epochs=5, head_warmup_epochs=2, lr=0.01, warm_start_epochs=1, warm_start_lr_mult=0.5)
-    warm = effective_config(cold.model_copy(update={"warm_start": "champion"}))
+    warm = effective_config(cold, warm=True)
 
-    assert effective_config(cold) is cold
+    assert effective_config(cold, warm=False) is cold
     assert (warm.epochs, warm.head_warmup_epochs, warm.lr) == (1, 0, 0.005)
 
 
@@ -442,13 +443,15 @@ def test_the_feature_cache_warns_once_naming_the_augmentations_it_skips(
     ]
 
 
-def write_prepared(ws: Workspace, splits: dict[str, SplitData]) -> None:
+def write_prepared(
+    ws: Workspace, splits: dict[str, SplitData], batch_of: Callable[[str], str] = lambda _: "b1"
+) -> None:
     ws.prepared.mkdir(parents=True, exist_ok=True)
     rows = ["sha256,split,label,batch_id,path"]
     for name, split in splits.items():
         np.save(ws.prepared / f"{name}_images.npy", split.images)
         np.save(ws.prepared / f"{name}_labels.npy", split.labels)
-        rows += [f"{sha},{name},a,b1,{sha[-3:]}.png" for sha in split.hashes]
+        rows += [f"{sha},{name},a,{batch_of(sha)},{sha[-3:]}.png" for sha in split.hashes]
     (ws.prepared / "index.csv").write_text("\n".join(rows) + "\n")
 
 
@@ -517,6 +520,36 @@ def test_warm_start_loads_the_previous_model_and_runs_warm_start_epochs(
     assert result.epochs == 1
     model, _ = load_model(ws.models)
     assert torch.all(model.backbone.conv_stem.weight == 0.25)  # frozen, so still the warm start's
+
+
+def test_an_automatic_warm_start_trains_the_champion_on_the_new_rows_and_a_replay_sample(
+    tmp_path: Path, make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    """What the parent step decided (data/parent) is what train does: the champion's weights, the
+    rows of batches it did not see, as many replayed rows, warm_start_epochs."""
+    ws = Workspace(tmp_path)
+    train = grow(split_data(30, 0, "o"), split_data(10, 2, "n"))
+    write_prepared(ws, {"train": train, "val": split_data(8, 1, "v")}, lambda sha: "b2" if sha[0] == "n" else "b1")
+    saved_model(ws.parent)
+    write_json(ws.parent_record, StartDecision("warm", "new b2", "3", ("b1",), 1, ("b2",)).record())
+    params = {**TINY.model_dump(), "epochs": 5, "device": "cpu", "warm_start": "auto", "warm_start_replay": 0.5}
+
+    result = run_train(make_cfg(train=params), ws)
+
+    assert (result.start, result.epochs, result.train_images, result.replayed_images) == ("warm v3", 1, 15, 5)
+    model, _ = load_model(ws.models)
+    assert torch.all(model.backbone.conv_stem.weight == 0.25)  # frozen, so still the champion's
+
+    write_json(ws.parent_record, StartDecision("warm", "new b3", "3", ("b1", "b2"), 1, ("b3",)).record())
+    unseen = run_train(make_cfg(train=params), ws)  # b3's images all went to val or test
+    assert (unseen.start, unseen.train_images, unseen.replayed_images) == ("warm v3", 40, 0)
+
+    write_json(ws.parent_record, StartDecision("full", "no champion yet").record())
+    full = run_train(make_cfg(train={**params, "epochs": 2}), ws)
+
+    assert (full.start, full.epochs, full.train_images, full.replayed_images) == ("full", 2, 40, 0)
+    model, _ = load_model(ws.models)
+    assert not torch.all(model.backbone.conv_stem.weight == 0.25)
 
 
 @pytest.mark.parametrize(
