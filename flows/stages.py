@@ -201,10 +201,10 @@ def register(workspace: str) -> dict[str, Any]:
 
 @task(name="check-registry", **IO_RETRIES)
 def trained_version(workspace: str, data_hash: str) -> str | None:
-    from tasks.register import version_for_data
+    from tasks.registry.tracking import version_for_data
 
     ws = Workspace(Path(workspace))
-    return version_for_data(load_params(ws.params), ws, data_hash)
+    return version_for_data(ws, load_params(ws.params).register_.model_name, data_hash)
 
 
 @task(name="gate", **IO_RETRIES)

@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from tasks.data.noise import NoiseProfile, NoiseScreen, profile, screen
 from tasks.data.screening import Accepted, BatchCheck, Quarantined
 from tasks.data.splits import BENCHMARK
 from tasks.registry.aliases import AuditEntry, append_audit, current_actor
-from tasks.registry.tracking import CHAMPION, TRACKING_URI_ENV, alias_version, mlflow_tracking, tracking_uri
+from tasks.registry.tracking import CHAMPION, alias_version, has_registry, mlflow_tracking, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ def load_champion(cfg: PipelineConfig, ws: Workspace) -> Champion | None:
     noise = cfg.ingest.label_noise
     if noise.action == "off":
         return None
-    if not os.environ.get(TRACKING_URI_ENV) and not (ws.mlflow / "mlflow.db").is_file():
+    if not has_registry(ws):
         log.info("label-noise screen skipped: no champion yet (no model registry in %s)", ws.mlflow)
         return None
     name = cfg.register_.model_name
@@ -127,12 +126,10 @@ def load_champion(cfg: PipelineConfig, ws: Workspace) -> Champion | None:
             log.warning("label-noise screen skipped: champion v%s's run has no held-out predictions", version)
             return None
         held_out = _read_held_out(client, registered.run_id, split, cfg.classes)
-        from mlflow.models import get_model_info
-
-        from tasks.model.serving import load_registered
+        from tasks.model.serving import load_registered, predates_image_model
 
         uri = f"models:/{name}/{version}"
-        if "pytorch" in get_model_info(uri).flavors:  # registered before the pyfunc model: no decoding to reuse
+        if predates_image_model(uri):
             log.warning("label-noise screen skipped: champion v%s predates the image-file model", version)
             return None
         model = load_registered(uri)

@@ -34,7 +34,7 @@ from tasks.common.workspace import Workspace
 from tasks.data.manifest import read_all_manifests
 from tasks.model.warm_start import COMPATIBILITY_KEYS, WARM_STARTS_TAG, ChampionFacts, StartDecision, decide_start
 from tasks.registry.lineage import flatten
-from tasks.registry.tracking import CHAMPION, TRACKING_URI_ENV, alias_version, mlflow_tracking, tracking_uri
+from tasks.registry.tracking import CHAMPION, alias_version, has_registry, mlflow_tracking, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,9 @@ def _champion(cfg: PipelineConfig, client: Any) -> tuple[ChampionFacts, str] | N
     params = client.get_run(registered.run_id).data.params
     tags = registered.tags
     uri = f"models:/{name}/{version}"
-    from mlflow.models import get_model_info
+    from tasks.model.serving import predates_image_model
 
-    old_format = "pytorch" in get_model_info(uri).flavors  # registered before the pyfunc model
-    unusable = "predates the image-file model (no saved weights to start from)" if old_format else ""
+    unusable = "predates the image-file model (no saved weights to start from)" if predates_image_model(uri) else ""
     facts = ChampionFacts(
         version=version,
         params=params,
@@ -84,14 +83,16 @@ def _champion(cfg: PipelineConfig, client: Any) -> tuple[ChampionFacts, str] | N
 
 
 def _download_weights(uri: str, target: Path) -> None:
-    """The champion's saved model (weights and spec) from the registry into ``target``."""
+    """The champion's saved model (weights and spec) from the registry into ``target``: its
+    MLmodel file, then only the folder that holds them (not the model's code or environment)."""
     import mlflow
     import yaml
 
     with tempfile.TemporaryDirectory(prefix="parent-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        mlmodel = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))
-        saved = local / mlmodel["flavors"]["python_function"]["artifacts"]["model"]["path"]
+        mlmodel_file = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=tmp)
+        mlmodel = yaml.safe_load(Path(mlmodel_file).read_text(encoding="utf-8"))
+        saved_path = mlmodel["flavors"]["python_function"]["artifacts"]["model"]["path"]
+        saved = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{saved_path}", dst_path=tmp))
         for name in MODEL_FILES:
             if not (saved / name).is_file():
                 raise PipelineError(f"{uri} has no {name}: it cannot be warm-started from")
@@ -125,25 +126,25 @@ def run_parent(cfg: PipelineConfig, ws: Workspace) -> StartDecision:
         log.info("training start unchanged (same data and params): %s, %s", decision.mode, decision.reason)
         return decision
     enabled = cfg.train.warm_start == "auto"
-    has_registry = os.environ.get(TRACKING_URI_ENV) or (ws.mlflow / "mlflow.db").is_file()
-    if not (enabled and has_registry):
+    if not (enabled and has_registry(ws)):
         return _decide(cfg, ws, current, None)
     with mlflow_tracking(tracking_uri(ws)) as client:  # the weights are downloaded inside it too
         return _decide(cfg, ws, current, _champion(cfg, client))
 
 
 def _decide(cfg: PipelineConfig, ws: Workspace, current: str, facts: tuple[ChampionFacts, str] | None) -> StartDecision:
-    flat = flat_params(cfg)
-    decision = decide_start(
-        {k: flat[k] for k in COMPATIBILITY_KEYS},
-        facts[0] if facts else None,
-        data_batches(ws),
-        cfg.train.warm_start == "auto",
-        cfg.train.warm_start_full_every,
-    )
     if cfg.train.warm_start not in (None, "auto"):
         reason = f"train.warm_start names a model directory ({cfg.train.warm_start}): train starts from it"
         decision = StartDecision("full", reason)
+    else:
+        flat = flat_params(cfg)
+        decision = decide_start(
+            {k: flat[k] for k in COMPATIBILITY_KEYS},
+            facts[0] if facts else None,
+            data_batches(ws),
+            cfg.train.warm_start == "auto",
+            cfg.train.warm_start_full_every,
+        )
     _write(ws, decision, current, facts[1] if facts and decision.mode == "warm" else None)
     log.info("training starts %s: %s", "from the champion" if decision.mode == "warm" else "in full", decision.reason)
     return decision

@@ -20,7 +20,13 @@ from tasks.common.workspace import Workspace
 from tasks.model.network import MODEL_SPEC
 from tasks.model.serving import DEFAULT_TOP_K
 from tasks.registry.lineage import check_outputs_current, collect_lineage, flatten
-from tasks.registry.tracking import CHALLENGER, default_artifact_location, mlflow_tracking, tracking_uri
+from tasks.registry.tracking import (
+    CHALLENGER,
+    default_artifact_location,
+    mlflow_tracking,
+    tracking_uri,
+    version_tagged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +49,6 @@ def _ensure_experiment(client: Any, name: str, artifact_location: str | None) ->
     if experiment is not None:
         return experiment.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location)
-
-
-def _version_tagged(client: Any, name: str, tag: str, value: str) -> Any | None:
-    for version in client.search_model_versions(f"name='{name}'"):
-        if version.tags.get(tag) == value:
-            return version
-    return None
-
-
-def version_for_data(cfg: PipelineConfig, ws: Workspace, data_hash: str) -> str | None:
-    """The registered version already trained on this DVC data hash, if any."""
-    with mlflow_tracking(tracking_uri(ws)) as client:
-        version = _version_tagged(client, cfg.register_.model_name, "dvc_data_hash", data_hash)
-    return None if version is None else str(version.version)
 
 
 #: Run tag holding the logged model's URI: marks a run whose model was logged completely.
@@ -144,7 +136,7 @@ def _register(cfg: PipelineConfig, ws: Workspace, client: Any, uri: str, artifac
 
     rcfg = cfg.register_
     lineage = collect_lineage(cfg, ws)
-    existing = _version_tagged(client, rcfg.model_name, "dvc_lock_hash", lineage["dvc_lock_hash"])
+    existing = version_tagged(client, rcfg.model_name, "dvc_lock_hash", lineage["dvc_lock_hash"])
     if existing is not None:
         log.info(
             "version %s already holds this pipeline state (dvc.lock %s)",

@@ -206,8 +206,14 @@ def load_network(uri: str) -> Any:
     Versions registered before the pyfunc model (torch.export graphs, MLflow's pytorch flavour)
     still load, so the gate can compare with an older champion.
     """
-    from mlflow.models import get_model_info
-
-    if "pytorch" in get_model_info(uri).flavors:
+    if predates_image_model(uri):
         return mlflow.pytorch.load_model(uri, map_location="cpu")
     return load_registered(uri).classifier
+
+
+def predates_image_model(uri: str) -> bool:
+    """A version registered before the pyfunc image-file model (MLflow's bare ``pytorch``
+    flavour): no saved weights to warm-start from, no image decoding to reuse."""
+    from mlflow.models import get_model_info
+
+    return "pytorch" in get_model_info(uri).flavors

@@ -21,6 +21,13 @@ def tracking_uri(ws: Workspace) -> str:
     return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{(ws.root / 'mlflow' / 'mlflow.db').resolve()}"
 
 
+def has_registry(ws: Workspace) -> bool:
+    """Whether there is a registry to ask: a tracking server is configured, or the workspace's
+    SQLite store exists. Without one there is no champion, and MLflow need not be imported
+    (nor its empty database created and migrated)."""
+    return bool(os.environ.get(TRACKING_URI_ENV)) or (ws.mlflow / "mlflow.db").is_file()
+
+
 def default_artifact_location(ws: Workspace) -> str | None:
     """Artifacts beside the workspace's SQLite store; a user-set tracking server decides its own."""
     return None if os.environ.get(TRACKING_URI_ENV) else (ws.mlflow / "artifacts").resolve().as_uri()
@@ -48,6 +55,24 @@ def mlflow_tracking(uri: str) -> Iterator[Any]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def version_tagged(client: Any, name: str, tag: str, value: str) -> Any | None:
+    """The first version of model ``name`` whose tag ``tag`` is ``value``."""
+    for version in client.search_model_versions(f"name='{name}'"):
+        if version.tags.get(tag) == value:
+            return version
+    return None
+
+
+def version_for_data(ws: Workspace, model_name: str, data_hash: str) -> str | None:
+    """The registered version already trained on this DVC data hash, if any (no registry: none,
+    without importing MLflow)."""
+    if not has_registry(ws):
+        return None
+    with mlflow_tracking(tracking_uri(ws)) as client:
+        version = version_tagged(client, model_name, "dvc_data_hash", data_hash)
+    return None if version is None else str(version.version)
 
 
 PREVIOUS = "previous"
