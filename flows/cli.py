@@ -9,6 +9,7 @@ One entry point for what the modules' ``python -m`` commands do, which keep work
     ctl approve | reject V       a person's decision on version V (resumes a run waiting for it)
     ctl demo [--once]            the embedded Fashion-MNIST demo (what ``make demo`` runs)
     ctl up | down | check        the local Prefect server and the served deployments
+    ctl up --stack cluster       the same on PostgreSQL, S3, an MLflow server, with credentials
     ctl watch                    one watch-landing tick
     ctl stage NAME               one pipeline step, as DVC runs it (ingest, validate, ...)
     ctl status | history         registry versions and aliases; every alias change
@@ -185,19 +186,50 @@ def predict(
     typer.echo(f"{result.scored} image(s) scored with {result.model_uri}, {result.failed} not decodable: {result.out}")
 
 
+STACKS = ("embedded", "cluster")
+
+
 @app.command()
 def up(
     ws: Workspace_ = Path("."),
     port: Port = DEFAULT_PORT,
     interval: Annotated[int | None, typer.Option(help="override params.yaml watch.interval_s")] = None,
+    stack: Annotated[
+        str, typer.Option(help="embedded: Prefect on SQLite | cluster: PostgreSQL, S3, MLflow server (README)")
+    ] = "embedded",
 ) -> None:
     """Start a Prefect server on 127.0.0.1 and serve the watch-landing and retrain deployments."""
+    if stack not in STACKS:
+        typer.echo(f"error: up: invalid --stack {stack!r}; supported: {', '.join(STACKS)}", err=True)
+        raise typer.Exit(2)
+    if stack == "cluster":
+        return up_cluster(workspace(ws), port, interval)
     from flows import server
 
     with user_errors("up"):
         url = server.up(workspace(ws), port, interval)
     typer.echo(f"Prefect server and deployments running. UI: {url.removesuffix('/api')}")
     typer.echo(f"export PREFECT_API_URL={url}   # to run flows against it")
+
+
+def up_cluster(ws: Workspace, port: int, interval: int | None) -> None:
+    import dataclasses
+    import time
+
+    from flows import cluster
+
+    started = time.monotonic()
+    with user_errors("up"):
+        ports = dataclasses.replace(cluster.Ports.from_env(), prefect=port)
+        endpoints = cluster.up(ws, ports, interval)
+    rel = cluster.cluster_dir(ws).relative_to(ws.root)
+    typer.echo(f"cluster profile up in {time.monotonic() - started:.0f} s (services bound to {endpoints.host}):")
+    typer.echo(f"  PostgreSQL  {endpoints.host}:{endpoints.ports.postgres} (databases {', '.join(cluster.DATABASES)})")
+    typer.echo(f"  S3          {endpoints.s3_url} (SeaweedFS; buckets {', '.join(cluster.BUCKETS)})")
+    typer.echo(f"  MLflow      {endpoints.mlflow_url} (user {cluster.MLFLOW_ADMIN})")
+    typer.echo(f"  Prefect UI  {endpoints.prefect_api.removesuffix('/api')} (user {cluster.PREFECT_USER})")
+    typer.echo(f"Credentials: {rel}/credentials.env (mode 0600). To use the services from a shell:")
+    typer.echo(f"  set -a; . {rel}/endpoints.env; . {rel}/credentials.env; set +a")
 
 
 @app.command()

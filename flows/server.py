@@ -17,11 +17,17 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tasks.common.errors import PipelineError
 from tasks.common.workspace import Workspace
 
 DEFAULT_PORT = 4200
+#: Every service either profile starts, in the order ``down`` stops them: the deployments first
+#: (so they can report their runs' end), PostgreSQL last.
+STOP_ORDER = ("serve", "server", "mlflow", "seaweedfs", "postgres")
+#: PostgreSQL stops at once on SIGINT ("fast" shutdown); the others on SIGTERM.
+STOP_SIGNALS = {"postgres": signal.SIGINT}
 
 
 def api_url() -> str:
@@ -52,18 +58,25 @@ def _pidfile(ws: Workspace, name: str) -> Path:
     return ws.services / f"{name}.pid"
 
 
-def _start(ws: Workspace, name: str, cmd: list[str], env: dict[str, str]) -> int:
+def start(ws: Workspace, name: str, cmd: list[str], env: dict[str, str], **popen: Any) -> int:
+    """Start service ``name`` in a session of its own (``down`` stops its whole process group),
+    its output in ``.cache/services/<name>.log``, its pid in ``<name>.pid``."""
     log_dir = ws.services
     log_dir.mkdir(parents=True, exist_ok=True)
     with (log_dir / f"{name}.log").open("ab") as log:
-        proc = subprocess.Popen(  # own session: `down` stops the whole process group
-            cmd, cwd=ws.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        proc = subprocess.Popen(
+            cmd, cwd=ws.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen
         )
     _pidfile(ws, name).write_text(str(proc.pid))
     return proc.pid
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    try:  # a child of this process that exited stays a zombie (and "alive") until it is reaped
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: its parent reaps it
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,30 +84,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def running(ws: Workspace, name: str) -> bool:
+    pidfile = _pidfile(ws, name)
+    return pidfile.is_file() and alive(int(pidfile.read_text()))
+
+
 def serving(ws: Workspace) -> bool:
-    pidfile = _pidfile(ws, "serve")
-    return pidfile.is_file() and _alive(int(pidfile.read_text()))
+    return running(ws, "serve")
 
 
-def start_serve(ws: Workspace, url: str, interval: int | None) -> int:
-    env = dict(os.environ, PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+def start_serve(ws: Workspace, url: str, interval: int | None, env: dict[str, str] | None = None) -> int:
+    """The process serving the deployments; ``env`` replaces this process's environment."""
+    env = dict(env if env is not None else os.environ, PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
     serve_cmd = [sys.executable, "-m", "flows.deploy", "--workspace", str(ws.root)]
     if interval:
         serve_cmd += ["--interval", str(interval)]
-    return _start(ws, "serve", serve_cmd, env)
+    return start(ws, "serve", serve_cmd, env)
 
 
 def up(ws: Workspace, port: int, interval: int | None) -> str:
     url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
     for name in ("server", "serve"):
-        pidfile = _pidfile(ws, name)
-        if pidfile.is_file() and _alive(int(pidfile.read_text())):
-            raise PipelineError(f"{name} already running (pid {pidfile.read_text()}); `make down` first")
+        if running(ws, name):
+            raise PipelineError(f"{name} already running (pid {_pidfile(ws, name).read_text()}); `make down` first")
     if healthy(url):
         raise PipelineError(f"something already answers at {url}; stop it or set PREFECT_PORT")
     prefect = [sys.executable, "-m", "prefect"]
-    _start(ws, "server", [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+    start(ws, "server", [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
     deadline = time.monotonic() + 120
     while not healthy(url):
         if time.monotonic() > deadline:
@@ -106,18 +123,25 @@ def up(ws: Workspace, port: int, interval: int | None) -> str:
 
 
 def down(ws: Workspace) -> list[str]:
+    """Stop what ``up`` started, of either profile (flows/cluster.py's services have pid files too)."""
+    return stop(ws, STOP_ORDER, STOP_SIGNALS)
+
+
+def stop(ws: Workspace, names: tuple[str, ...], signals: dict[str, int] | None = None) -> list[str]:
+    """Stop the named services in this order (SIGTERM unless ``signals`` says otherwise; SIGKILL
+    after 30 s), each with its process group; a pid file whose process is gone is just removed."""
     stopped = []
-    for name in ("serve", "server"):  # the server last, so serve can report its runs' end
+    for name in names:
         pidfile = _pidfile(ws, name)
         if not pidfile.is_file():
             continue
         pid = int(pidfile.read_text())
-        if _alive(pid):
-            os.killpg(pid, signal.SIGTERM)
+        if alive(pid):
+            os.killpg(pid, (signals or {}).get(name, signal.SIGTERM))
             deadline = time.monotonic() + 30
-            while _alive(pid) and time.monotonic() < deadline:
+            while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.5)
-            if _alive(pid):
+            if alive(pid):
                 os.killpg(pid, signal.SIGKILL)
             stopped.append(f"{name} (pid {pid})")
         pidfile.unlink()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.config import PipelineConfig, load_params
-from tasks.common.dvc import dvc_data_hash, run_dvc
+from tasks.common.dvc import default_remote, dvc_data_hash, push, run_dvc
 from tasks.common.files import FileHashCache, spreadsheet_safe, write_json
 from tasks.common.stage import run_cli
 from tasks.common.workspace import Workspace, workspace_lock
@@ -225,6 +225,26 @@ def _check_new(names: list[str], hashed: dict[str, tuple], landing: Path, cfg: P
     return checks
 
 
+#: Marks data added but not yet on the DVC remote (cleared once pushed).
+PUSH_PENDING = "dvc-push.pending"
+
+
+def push_data(ws: Workspace) -> None:
+    """With a DVC remote (the cluster profile), the ingested data goes there before anyone is told
+    of it: a retrain on another machine pulls it from there. A failed push stays pending and is
+    retried by the next run, which announces the data only once it is pushed."""
+    pending = ws.cache / PUSH_PENDING
+    if not pending.exists():
+        return
+    if default_remote(ws.root) is None:
+        pending.unlink()
+        return
+    targets = [str(p.relative_to(ws.root)) for p in (ws.raw_dvc, ws.benchmark.with_suffix(".dvc")) if p.is_file()]
+    push(targets, ws.root)
+    pending.unlink()
+    log.info("pushed %s to the DVC remote", ", ".join(targets))
+
+
 def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
     landing = (ws.root / cfg.ingest.landing_dir).resolve()
     result = IngestResult()
@@ -251,6 +271,8 @@ def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
         if pending.exists() or not raw_dvc.is_file():
             run_dvc(["add", "--quiet", str(ws.raw.relative_to(ws.root))], ws.root)
             pending.unlink(missing_ok=True)
+            (ws.cache / PUSH_PENDING).touch()
+        push_data(ws)
         result.data_hash = dvc_data_hash(raw_dvc)
     for name, original in result.repeats.items():
         log.info("batch %s skipped: same content as batch %s", name, original)

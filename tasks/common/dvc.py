@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.common.errors import PipelineError
+from tasks.common.errors import PipelineError, RemoteUnavailable
 
 
 def run_dvc(args: list[str], cwd: Path) -> str:
@@ -17,6 +17,23 @@ def run_dvc(args: list[str], cwd: Path) -> str:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise PipelineError(f"dvc {' '.join(args)} failed: {detail[-1] if detail else proc.returncode}")
     return proc.stdout
+
+
+def default_remote(cwd: Path) -> str | None:
+    """The remote this machine pushes to (``core.remote`` in .dvc/config or .dvc/config.local),
+    None when there is none (the embedded profile: data stays in the local cache)."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=cwd, capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def push(targets: list[str], cwd: Path) -> None:
+    """``dvc push`` of ``targets`` to the default remote. A failure is transient (the store is
+    down or unreachable): the caller keeps its pending mark and pushes again on its next run."""
+    try:
+        run_dvc(["push", "--quiet", *targets], cwd)
+    except PipelineError as exc:
+        raise RemoteUnavailable(f"could not push {', '.join(targets)} to the DVC remote: {exc}") from exc
 
 
 def dvc_data_hash(dvc_file: Path) -> str | None:

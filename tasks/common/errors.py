@@ -11,6 +11,10 @@ class WorkspaceBusy(PipelineError):
     """Another process holds the workspace lock."""
 
 
+class RemoteUnavailable(ConnectionError):
+    """A push to or pull from the DVC remote failed: transient, the next run retries it."""
+
+
 #: Failures that a retry can fix: the network, or a database that was busy for a moment.
 #: Matched by class name and module so this module imports none of those libraries.
 _TRANSIENT_CLASSES = {
