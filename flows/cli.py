@@ -10,6 +10,7 @@ One entry point for what the modules' ``python -m`` commands do, which keep work
     ctl demo [--once]            the embedded Fashion-MNIST demo (what ``make demo`` runs)
     ctl up | down | check        the local Prefect server and the served deployments
     ctl up --stack cluster       the same on PostgreSQL, S3, an MLflow server, with credentials
+    ctl reproduce V --into DIR   version V's code, params, dvc.lock and data, restored; DVC must call it current
     ctl watch                    one watch-landing tick
     ctl stage NAME               one pipeline step, as DVC runs it (ingest, validate, ...)
     ctl status | history         registry versions and aliases; every alias change
@@ -184,6 +185,25 @@ def predict(
             lambda done, total: progress.update(bar, advance=done, total=total),
         )  # fmt: skip
     typer.echo(f"{result.scored} image(s) scored with {result.model_uri}, {result.failed} not decodable: {result.out}")
+
+
+@app.command()
+def reproduce(
+    version: Annotated[str, typer.Argument(help="the registered version's number")],
+    into: Annotated[Path, typer.Option(help="a new (or empty) directory to restore it in", resolve_path=True)],
+    ws: Workspace_ = Path("."),
+    repo: Annotated[str | None, typer.Option(help="git URL of the code (default: the workspace)")] = None,
+    repro: Annotated[bool, typer.Option(help="also run `dvc repro`, which must have nothing to do")] = False,
+) -> None:
+    """Restore a registered version's code commit, params, dvc.lock, data and outputs into a fresh
+    directory (git, MLflow, the DVC remote or this workspace's cache); exit 1 if DVC finds it stale."""
+    from tasks.reproduce import run_reproduce
+
+    with user_errors("reproduce"):
+        result = run_reproduce(workspace(ws), version, into, repo, repro)
+    typer.echo(result.summary())
+    if not result.up_to_date:
+        raise typer.Exit(1)
 
 
 STACKS = ("embedded", "cluster")

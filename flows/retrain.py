@@ -27,6 +27,7 @@ from flows.stages import (
     parent,
     promote,
     publish_validation,
+    push_outputs,
     register,
     trained_version,
 )
@@ -136,6 +137,7 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[st
             if stage == "validate":
                 publish_validation(ws)
     publish_evaluation(ws)  # the stages succeeded: confusion matrices and most confident mistakes
+    push_outputs(str(ws.root))
     reg = register(str(ws.root))
     decision = None
     if not reg["judged"]:  # a version registered earlier for this pipeline state was judged then

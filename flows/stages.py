@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -197,6 +198,23 @@ def register(workspace: str) -> dict[str, Any]:
 
     ws = Workspace(Path(workspace))
     return asdict(run_register(load_params(ws.params), ws))
+
+
+@task(name="push", **IO_RETRIES)
+def push_outputs(workspace: str) -> dict[str, Any]:
+    """With a DVC remote (the cluster profile): the data and every stage output go there before the
+    version is registered, so any machine can restore it (``ctl reproduce``)."""
+    from tasks.common.dvc import default_remote, push
+
+    ws = Workspace(Path(workspace))
+    remote = default_remote(ws.root)
+    if remote is None:
+        return {"remote": None, "seconds": 0.0}
+    started = time.monotonic()
+    push([], ws.root)
+    seconds = time.monotonic() - started
+    get_run_logger().info("pushed the data and the stages' outputs to DVC remote %r in %.1f s", remote, seconds)
+    return {"remote": remote, "seconds": round(seconds, 1)}
 
 
 @task(name="check-registry", **IO_RETRIES)

@@ -19,7 +19,15 @@ from tasks.common.stage import run_cli
 from tasks.common.workspace import Workspace
 from tasks.model.network import MODEL_SPEC
 from tasks.model.serving import DEFAULT_TOP_K
-from tasks.registry.lineage import check_outputs_current, collect_lineage, flatten
+from tasks.registry.lineage import (
+    OUTS_DIR,
+    STATE_DIR,
+    check_outputs_current,
+    collect_lineage,
+    flatten,
+    state_files,
+    uncached_outputs,
+)
 from tasks.registry.tracking import (
     CHALLENGER,
     default_artifact_location,
@@ -82,12 +90,25 @@ def _log_run(cfg: PipelineConfig, ws: Workspace, experiment_id: str, lineage: di
         mlflow.log_metrics({f"train_{k}": float(v) for k, v in train.items() if isinstance(v, int | float)})
         mlflow.set_tags(lineage)
         mlflow.log_artifacts(str(ws.evaluation), "evaluation")
-        for path in (ws.train_history, ws.validate_report, ws.params, ws.dvc_lock):
-            if path.is_file():
-                mlflow.log_artifact(str(path), "pipeline")
+        log_pipeline_state(ws)
         info = log_classifier(cfg, ws)
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # last: the run is complete
     return run.info.run_id, info.model_uri
+
+
+def log_pipeline_state(ws: Workspace) -> None:
+    """What ``ctl reproduce`` puts back: params, dvc.lock and the data's .dvc files in ``pipeline/``,
+    the uncached reports at their paths under ``pipeline/outs/``."""
+    import mlflow
+
+    for path in state_files(ws):
+        mlflow.log_artifact(str(path), STATE_DIR)
+    for rel in uncached_outputs(ws):
+        path = ws.root / rel
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), f"{OUTS_DIR}/{rel.as_posix()}")
+        elif path.is_file():
+            mlflow.log_artifact(str(path), f"{OUTS_DIR}/{rel.parent.as_posix()}".rstrip("/."))
 
 
 def log_classifier(cfg: PipelineConfig, ws: Workspace) -> Any:

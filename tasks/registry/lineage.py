@@ -6,7 +6,10 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tasks.common.config import PipelineConfig
 from tasks.common.dvc import dvc_data_hash
@@ -36,6 +39,32 @@ def params_hash(cfg: PipelineConfig) -> str:
 def _git(ws: Workspace, *args: str) -> str:
     proc = subprocess.run(["git", *args], cwd=ws.root, capture_output=True, text=True, check=False)
     return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+#: The pipeline state a version is reproduced from, logged under ``pipeline/`` in its run: params,
+#: dvc.lock and the data's .dvc files (the data itself is in DVC's cache or remote).
+STATE_DIR = "pipeline"
+#: The stages' outputs DVC does not cache (reports), logged under ``pipeline/outs/<path>``: with
+#: them back in place, ``dvc status`` of a restored version has nothing to report.
+OUTS_DIR = f"{STATE_DIR}/outs"
+
+
+def state_files(ws: Workspace) -> list[Path]:
+    """params.yaml, dvc.lock and every data/*.dvc file that exists."""
+    return [p for p in (ws.params, ws.dvc_lock, *sorted((ws.root / "data").glob("*.dvc"))) if p.is_file()]
+
+
+def uncached_outputs(ws: Workspace) -> list[Path]:
+    """The outs and metrics that dvc.yaml marks ``cache: false``, relative to the workspace."""
+    stages = (yaml.safe_load((ws.root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
+    found = []
+    for stage in stages.values():
+        for entry in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
+            if isinstance(entry, dict):
+                ((path, options),) = entry.items()
+                if options and options.get("cache") is False:
+                    found.append(Path(path))
+    return found
 
 
 def collect_lineage(cfg: PipelineConfig, ws: Workspace) -> dict[str, str]:

@@ -177,3 +177,19 @@ def test_a_retrain_registers_on_the_server_and_an_empty_directory_loads_the_cham
     refused = subprocess.run([sys.executable, "-c", load, str(image)], cwd=empty, env=no_password,
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert refused.returncode != 0
+
+
+def test_a_registered_version_is_restored_elsewhere_and_dvc_has_nothing_to_do(stack: dict, tmp_path: Path) -> None:
+    ws: Workspace = stack["ws"]
+    if not ws.metrics.is_file():
+        pytest.skip("needs the retrain of the test before")
+    into = tmp_path / "restored"
+    cmd = [sys.executable, "-m", "flows.cli", "reproduce", "1", "--into", str(into), "-w", str(ws.root), "--repro"]
+    proc = subprocess.run(cmd, cwd=REPO, env=stack["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "dvc status: Data and pipelines are up to date." in proc.stdout
+    assert "data from s3://dvc" in proc.stdout
+    # Its own DVC cache, filled from the remote; the model and the prepared arrays are the workspace's.
+    assert str(ws.root) not in (into / ".dvc" / "config.local").read_text()
+    for rel in ("models/model.safetensors", "data/prepared/train_images.npy", "dvc.lock", "reports/metrics.json"):
+        assert (into / rel).read_bytes() == (ws.root / rel).read_bytes(), rel

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from tasks.common.errors import PipelineError
 from tests.helpers import REPO as REPO_ROOT
 from tests.helpers import dvc, registry_client, store_uri, tiny_params, write_batch
 
@@ -82,6 +83,27 @@ def test_dvc_lock_written_and_second_repro_does_nothing(trained: dict) -> None:
         assert f"Stage '{stage}' didn't change, skipping" in out
     assert (ws / "dvc.lock").read_bytes() == before
     assert "up to date" in dvc(ws, "status").stdout
+
+
+def test_a_version_is_restored_in_a_fresh_directory_from_the_workspace_cache(trained: dict, tmp_path: Path) -> None:
+    """Embedded profile (no DVC remote): ``ctl reproduce`` shares the workspace's DVC cache."""
+    from tasks.common.workspace import Workspace
+    from tasks.reproduce import run_reproduce
+
+    ws = trained["ws"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        result = run_reproduce(Workspace(ws), "1", tmp_path / "v1", None, repro=True)
+    assert result.up_to_date, result.status
+    assert result.source == str((ws / ".dvc" / "cache").resolve())
+    assert "Running stage" not in result.repro_output
+    for rel in ("models/model.safetensors", "data/raw.dvc", "params.yaml", "reports/validate.json"):
+        assert (tmp_path / "v1" / rel).read_bytes() == (ws / rel).read_bytes(), rel
+    with pytest.raises(PipelineError, match="no version '9'"):
+        run_reproduce(Workspace(ws), "9", tmp_path / "v9", None, repro=False)
+    with pytest.raises(PipelineError, match="not empty"):
+        run_reproduce(Workspace(ws), "1", tmp_path / "v1", None, repro=False)
 
 
 def test_champion_reloads_and_predicts_like_trained_model(trained: dict) -> None:

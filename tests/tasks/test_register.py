@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tasks.common.config import PipelineConfig, parse_params
 from tasks.registry.lineage import flatten, params_hash
+from tests.helpers import REPO
 
 
 def test_flatten_joins_nested_keys_with_dots() -> None:
@@ -70,3 +73,20 @@ def test_params_hash_changes_with_any_param(change: dict) -> None:
     base = params_hash(parse_params({"classes": ["a", "b"]}))
 
     assert params_hash(parse_params({"classes": ["a", "b"], **change})) != base
+
+
+def test_the_logged_pipeline_state_covers_every_uncached_output(tmp_path: Path) -> None:
+    """What reproduce puts back from MLflow: every output DVC does not cache, nothing it does."""
+    from tasks.common.workspace import Workspace
+    from tasks.registry.lineage import state_files, uncached_outputs
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path)
+    ws = Workspace(tmp_path)
+    found = {p.as_posix() for p in uncached_outputs(ws)}
+    assert found == {"reports/manifest.csv", "reports/validate.md", "reports/validate.json",
+                     "reports/train_history.csv", "reports/train.json", "reports/metrics.json",
+                     "reports/evaluation"}  # fmt: skip
+    (tmp_path / "params.yaml").write_text("classes: [a]\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "raw.dvc").write_text("outs: []\n")
+    assert [p.name for p in state_files(ws)] == ["params.yaml", "raw.dvc"]
