@@ -296,6 +296,15 @@ def postgres_cmd(data: Path, host: str, port: int) -> list[str]:
             "-c", "unix_socket_directories=", "-c", "max_connections=200"]  # fmt: skip
 
 
+def start_postgres(ws: Workspace, endpoints: Endpoints, creds: Credentials) -> int:
+    """Initialise (once) and start the database server; returns once it accepts the password."""
+    data = init_postgres(ws, creds)
+    cmd = postgres_cmd(data, endpoints.host, endpoints.ports.postgres)
+    pid = server.start(ws, "postgres", cmd, _service_env(), **_postgres_user())
+    _wait("PostgreSQL", lambda: postgres_ready(endpoints, creds), ws, "postgres", pid)
+    return pid
+
+
 def create_databases(endpoints: Endpoints, creds: Credentials) -> None:
     import psycopg2
 
@@ -475,10 +484,7 @@ def up(ws: Workspace, ports: Ports | None = None, interval: int | None = None, d
             raise PipelineError(f"{name} is already running; `ctl down` first")
     creds = load_credentials(ws)
     try:
-        data = init_postgres(ws, creds)
-        pid = server.start(ws, "postgres", postgres_cmd(data, endpoints.host, endpoints.ports.postgres),
-                           _service_env(), **_postgres_user())  # fmt: skip
-        _wait("PostgreSQL", lambda: postgres_ready(endpoints, creds), ws, "postgres", pid)
+        start_postgres(ws, endpoints, creds)
         create_databases(endpoints, creds)
         pid = server.start(ws, "seaweedfs", seaweed_cmd(ws, endpoints, creds), _service_env())
         _wait("SeaweedFS's S3 API", lambda: s3_ready(endpoints, creds), ws, "seaweedfs", pid)

@@ -193,3 +193,26 @@ def test_a_registered_version_is_restored_elsewhere_and_dvc_has_nothing_to_do(st
     assert str(ws.root) not in (into / ".dvc" / "config.local").read_text()
     for rel in ("models/model.safetensors", "data/prepared/train_images.npy", "dvc.lock", "reports/metrics.json"):
         assert (into / rel).read_bytes() == (ws.root / rel).read_bytes(), rel
+
+
+def test_the_servers_recover_when_postgresql_restarts(stack: dict) -> None:
+    """PostgreSQL restarted under the Prefect and MLflow servers: their next requests succeed."""
+    from flows import server
+
+    ws: Workspace = stack["ws"]
+    ep: cluster.Endpoints = stack["endpoints"]
+    creds = cluster.load_credentials(ws)
+    assert server.stop(ws, ("postgres",), server.STOP_SIGNALS)
+    cluster.start_postgres(ws, ep, creds)
+
+    user, password = creds.PREFECT_API_AUTH_STRING.split(":", 1)
+    search = f"{ep.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
+    mlflow_auth = (creds.MLFLOW_TRACKING_USERNAME, creds.MLFLOW_TRACKING_PASSWORD)
+
+    def answered() -> tuple[int, int | None]:
+        prefect = httpx.post(f"{ep.prefect_api}/flows/filter", json={}, auth=(user, password), timeout=10).status_code
+        return prefect, cluster.http_status(search, mlflow_auth)
+
+    # A pooled connection that died with the old server may fail one request; the next must not.
+    answered()
+    assert answered() == (200, 200)
