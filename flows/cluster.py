@@ -361,7 +361,7 @@ def seaweed_cmd(ws: Workspace, endpoints: Endpoints, creds: Credentials) -> list
     return [weed_bin(), "server", f"-dir={store}", f"-ip={endpoints.host}", f"-ip.bind={endpoints.host}",
             f"-master.port={p.weed_master}", f"-volume.port={p.weed_volume}", "-filer", f"-filer.port={p.weed_filer}",
             "-s3", f"-s3.port={p.s3}", f"-s3.config={config}", "-master.volumeSizeLimitMB=1024",
-            "-volume.max=0", "-metricsPort=0"]  # fmt: skip
+            "-volume.max=0", "-metricsPort=0", "-volume.preStopSeconds=1"]  # fmt: skip
 
 
 def s3_client(endpoints: Endpoints, creds: Credentials | None) -> Any:
