@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import server
-from tasks.common.dvc import run_dvc
+from tasks.common.dvc import CLUSTER_REMOTE_URL, set_default_remote
 from tasks.common.errors import PipelineError
 from tasks.common.workspace import Workspace
 
@@ -49,7 +49,6 @@ BUCKETS = ("dvc", "mlflow")
 DB_USER = "ctl"
 MLFLOW_ADMIN = "admin"
 PREFECT_USER = "ctl"
-DVC_REMOTE = "cluster"
 BIND_ENV = "CTL_BIND_HOST"
 START_TIMEOUT_S = 180
 
@@ -156,15 +155,19 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_env(path: Path, values: dict[str, str], comment: str = "") -> None:
+    """``KEY=value`` lines, as ``read_env_file`` and a shell's ``set -a; . FILE`` read them; private."""
+    header = f"# {comment}\n" if comment else ""
+    _write_private(path, header + "".join(f"{key}={value}\n" for key, value in values.items()))
+
+
 def load_credentials(ws: Workspace) -> Credentials:
     """The workspace's credentials, generated on the first call. A file readable by others is
     refused: its secrets may have leaked, so rotate them (delete the file and the profile's data)."""
     path = credentials_file(ws)
     if not path.is_file():
         creds = Credentials.generate()
-        lines = "".join(f"{key}={value}\n" for key, value in creds.env().items())
-        header = "# Secrets of the cluster profile (ctl up --stack cluster). Never commit or share.\n"
-        _write_private(path, header + lines)
+        _write_env(path, creds.env(), "Secrets of the cluster profile (ctl up --stack cluster). Never commit or share.")
         return creds
     if path.stat().st_mode & 0o077:
         raise PipelineError(f"{path} is readable by other users (mode {path.stat().st_mode & 0o777:o}); chmod 600 it")
@@ -462,17 +465,6 @@ def _wait(what: str, ready: Callable[[], bool], ws: Workspace, name: str, pid: i
         time.sleep(0.5)
 
 
-# --- DVC remote --------------------------------------------------------------------------------
-
-
-def configure_dvc_remote(ws: Workspace, endpoints: Endpoints) -> None:
-    """The ``cluster`` remote (``s3://dvc``) as this machine's default, in ``.dvc/config.local``
-    (git-ignored): the endpoint is per machine and the keys come from the environment."""
-    root = ws.root
-    run_dvc(["remote", "add", "--local", "--force", "--default", DVC_REMOTE, "s3://dvc"], root)
-    run_dvc(["remote", "modify", "--local", DVC_REMOTE, "endpointurl", endpoints.s3_url], root)
-
-
 # --- up / down ---------------------------------------------------------------------------------
 
 
@@ -493,8 +485,8 @@ def up(ws: Workspace, ports: Ports | None = None, interval: int | None = None, d
         _wait("the MLflow server", lambda: mlflow_ready(endpoints, creds), ws, "mlflow", pid)
         pid = server.start(ws, "server", *prefect_server_cmd(endpoints, creds))
         _wait("the Prefect server", lambda: server.healthy(endpoints.prefect_api), ws, "server", pid)
-        configure_dvc_remote(ws, endpoints)
-        _write_private(endpoints_file(ws), "".join(f"{k}={v}\n" for k, v in endpoints.env().items()))
+        set_default_remote(ws.root, CLUSTER_REMOTE_URL, endpoints.s3_url)
+        _write_env(endpoints_file(ws), endpoints.env())
         if deployments:
             env = _service_env(**endpoints.env(), **creds.env())
             server.start_serve(ws, endpoints.prefect_api, interval, env)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tasks.common.config import PipelineConfig, load_params
@@ -108,7 +108,7 @@ def log_pipeline_state(ws: Workspace) -> None:
         if path.is_dir():
             mlflow.log_artifacts(str(path), f"{OUTS_DIR}/{rel.as_posix()}")
         elif path.is_file():
-            mlflow.log_artifact(str(path), f"{OUTS_DIR}/{rel.parent.as_posix()}".rstrip("/."))
+            mlflow.log_artifact(str(path), (PurePosixPath(OUTS_DIR) / rel.parent).as_posix())
 
 
 def log_classifier(cfg: PipelineConfig, ws: Workspace) -> Any:

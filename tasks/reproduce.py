@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.common.config import load_params
-from tasks.common.dvc import run_dvc
+from tasks.common.dvc import CLUSTER_REMOTE_URL, run_dvc, set_default_remote
 from tasks.common.errors import PipelineError
 from tasks.common.stage import setup_cli_logging
 from tasks.common.workspace import Workspace
@@ -33,10 +33,9 @@ from tasks.registry.tracking import mlflow_tracking, tracking_uri
 
 log = logging.getLogger(__name__)
 
-#: The DVC remote a restored directory pulls from when the environment names an S3 endpoint.
-REMOTE_NAME = "cluster"
+#: The DVC remote a restored directory pulls from when the environment names an S3 endpoint
+#: (default: the cluster profile's bucket).
 REMOTE_URL_ENV = "CTL_DVC_REMOTE_URL"
-DEFAULT_REMOTE_URL = "s3://dvc"
 UP_TO_DATE = "Data and pipelines are up to date."
 
 
@@ -103,9 +102,8 @@ def _data_source(into: Path, source_ws: Workspace) -> str:
     """Pull from the S3 remote the environment names, or share the source workspace's DVC cache."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
     if endpoint:
-        url = os.environ.get(REMOTE_URL_ENV, DEFAULT_REMOTE_URL)
-        run_dvc(["remote", "add", "--local", "--force", "--default", REMOTE_NAME, url], into)
-        run_dvc(["remote", "modify", "--local", REMOTE_NAME, "endpointurl", endpoint], into)
+        url = os.environ.get(REMOTE_URL_ENV, CLUSTER_REMOTE_URL)
+        set_default_remote(into, url, endpoint)
         run_dvc(["pull", "--quiet"], into)
         return url
     cache = source_ws.root / ".dvc" / "cache"

@@ -19,6 +19,18 @@ def run_dvc(args: list[str], cwd: Path) -> str:
     return proc.stdout
 
 
+#: The cluster profile's DVC remote: its name in ``.dvc/config.local`` and its bucket.
+CLUSTER_REMOTE = "cluster"
+CLUSTER_REMOTE_URL = "s3://dvc"
+
+
+def set_default_remote(cwd: Path, url: str, endpoint: str, name: str = CLUSTER_REMOTE) -> None:
+    """Remote ``name`` at ``url`` (an S3 store at ``endpoint``) as this checkout's default, in
+    ``.dvc/config.local`` (git-ignored): the endpoint is per machine, the keys come from the environment."""
+    run_dvc(["remote", "add", "--local", "--force", "--default", name, url], cwd)
+    run_dvc(["remote", "modify", "--local", name, "endpointurl", endpoint], cwd)
+
+
 def default_remote(cwd: Path) -> str | None:
     """The remote this machine pushes to (``core.remote`` in .dvc/config or .dvc/config.local),
     None when there is none (the embedded profile: data stays in the local cache)."""
@@ -33,7 +45,8 @@ def push(targets: list[str], cwd: Path) -> None:
     try:
         run_dvc(["push", "--quiet", *targets], cwd)
     except PipelineError as exc:
-        raise RemoteUnavailable(f"could not push {', '.join(targets)} to the DVC remote: {exc}") from exc
+        what = ", ".join(targets) or "the data and outputs"
+        raise RemoteUnavailable(f"could not push {what} to the DVC remote: {exc}") from exc
 
 
 def dvc_data_hash(dvc_file: Path) -> str | None:

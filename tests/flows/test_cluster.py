@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from flows import cluster
+from tasks.common.dvc import CLUSTER_REMOTE
 from tasks.common.workspace import Workspace
 from tests.helpers import REPO, dvc, run, write_batch
 
@@ -124,8 +125,8 @@ def test_ingest_pushes_the_data_and_another_workspace_pulls_it(stack: dict, tmp_
     other = tmp_path / "train-machine"
     run(["git", "clone", "-q", str(ws.root), str(other)], tmp_path)
     ep: cluster.Endpoints = stack["endpoints"]
-    dvc(other, "remote", "add", "--local", "--default", cluster.DVC_REMOTE, "s3://dvc")
-    dvc(other, "remote", "modify", "--local", cluster.DVC_REMOTE, "endpointurl", ep.s3_url)
+    dvc(other, "remote", "add", "--local", "--default", CLUSTER_REMOTE, "s3://dvc")
+    dvc(other, "remote", "modify", "--local", CLUSTER_REMOTE, "endpointurl", ep.s3_url)
     pulled = subprocess.run([sys.executable, "-m", "dvc", "pull", "data/raw.dvc"], cwd=other, env=stack["env"],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert pulled.returncode == 0, pulled.stderr
