@@ -21,6 +21,7 @@ from flows.logs import project_logs_to_run
 from flows.stages import (
     STAGE_TASKS,
     decide,
+    fetch_data,
     gate,
     ingest,
     ingest_markdown,
@@ -31,7 +32,7 @@ from flows.stages import (
     register,
     trained_version,
 )
-from flows.watch import PIPELINE_LOCK
+from flows.watch import DATASET_EVENT, PIPELINE_LOCK
 from tasks.common.config import load_params
 from tasks.common.files import read_json
 from tasks.common.processes import stop_leftover_stage
@@ -49,13 +50,14 @@ def summary_markdown(
 ) -> str:
     metrics = read_json(ws.metrics) if ws.metrics.is_file() else {}
     train = read_json(ws.train_report) if ws.train_report.is_file() else {}
+    fetched = f" (fetched from the DVC remote in {f['seconds']:.0f} s)" if (f := ingested.get("fetched")) else ""
     lines = [
         "# Retrain summary",
         "",
         f"**Model** `{reg['model_name']}` version **{reg['version']}** "
         f"({', '.join(reg['aliases']) or 'no alias'}){'' if reg['created'] else ' (already registered)'}",
         "",
-        f"New batches: {', '.join(ingested['ingested']) or 'none'} · DVC data hash `{ingested['data_hash']}`",
+        f"New batches: {', '.join(ingested['ingested']) or 'none'} · DVC data hash `{ingested['data_hash']}`{fetched}",
         "",
         "| stage | ran |",
         "|---|---|",
@@ -95,23 +97,56 @@ def start_line(start: dict[str, Any], train: dict[str, Any]) -> str:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(workspace: str = ".", skip_ingest: bool = False, data_hash: str | None = None) -> dict[str, Any]:
+def retrain(
+    workspace: str = ".",
+    skip_ingest: bool = False,
+    data_hash: str | None = None,
+    fetch: bool = False,
+    benchmark_hash: str = "",
+    params_sha256: str = "",
+) -> dict[str, Any]:
     """Ingest, validate, prepare, train, evaluate, register. A failed stage fails the flow
     with the stage's own message, and nothing is registered.
 
     ``data_hash`` is set when a ``dataset.updated`` event started the run: if a model was
-    already registered for the workspace's current data, the run finishes early.
+    already registered for that data, the run finishes early. With ``fetch`` (a worker of the
+    cluster profile's gpu pool) the run does not look at a landing zone: it checks out the data
+    at ``data_hash`` and the benchmark at ``benchmark_hash`` from the DVC remote instead, after
+    checking that its params.yaml is the one the data was ingested with (``params_sha256``).
     """
     ws = Workspace(Path(workspace).resolve())
+    source = None
+    if fetch:
+        source = {"data_hash": data_hash, "benchmark_hash": benchmark_hash, "params_sha256": params_sha256}
+        if not data_hash:  # a scheduled run: the data the landing machine announced last
+            source = last_announced() or source
+            data_hash = source["data_hash"]
+        if not data_hash:
+            get_run_logger().info("no %s event on the server: no data to fetch, nothing to train", DATASET_EVENT)
+            return {"ingest": None, "stages": [], "register": None, "decision": None, "skipped": "no data announced"}
     # One retrain per workspace (watch ticks skip meanwhile); the steps' own logs go to this run's log.
     with project_logs_to_run(), workspace_lock(ws, PIPELINE_LOCK):
         stop_leftover_stage(ws)  # a run killed outright may have left its DVC stage running
-        return _retrain(ws, skip_ingest, data_hash)
+        return _retrain(ws, skip_ingest, data_hash, source)
 
 
-def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[str, Any]:
+def last_announced() -> dict[str, str] | None:
+    """The hashes of the newest ``dataset.updated`` event the server keeps (its event retention)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOrder
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(EventFilter(event=EventNameFilter(name=[DATASET_EVENT]), order=EventOrder.DESC), 1)
+    if not page.events:
+        return None
+    payload = page.events[0].payload
+    return {k: str(payload.get(k) or "") for k in ("data_hash", "benchmark_hash", "params_sha256")}
+
+
+def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None, source: dict | None) -> dict[str, Any]:
     logger = get_run_logger()
-    ingested = {"ingested": [], "skipped": [], "data_hash": None} if skip_ingest else ingest(str(ws.root))
+    nothing = {"ingested": [], "skipped": [], "data_hash": None}
+    ingested = nothing if skip_ingest or source else ingest(str(ws.root))
     current = ingested["data_hash"] or data_hash
     if data_hash and current and (version := trained_version(str(ws.root), current)):
         logger.info("data %s already has model version %s; nothing to train", current, version)
@@ -126,6 +161,8 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None) -> dict[st
             "decision": None,
             "skipped": f"already trained as version {version}",
         }
+    if source:
+        ingested = {**nothing, "data_hash": data_hash, "fetched": fetch_data(str(ws.root), **source)}
     if problems := ingest_markdown(ingested):
         create_markdown_artifact(problems, key="ingest-problems", description="Rejected and quarantined data")
     start = parent(str(ws.root))

@@ -200,6 +200,19 @@ def register(workspace: str) -> dict[str, Any]:
     return asdict(run_register(load_params(ws.params), ws))
 
 
+@task(name="fetch", **IO_RETRIES)
+def fetch_data(workspace: str, data_hash: str, benchmark_hash: str, params_sha256: str) -> dict[str, Any]:
+    """The data the triggering event names, from the DVC remote (a worker that did not ingest it)."""
+    from tasks.fetch import run_fetch
+
+    fetched = run_fetch(Workspace(Path(workspace)), data_hash, benchmark_hash, params_sha256)
+    get_run_logger().info(
+        "data %s and benchmark %s from the DVC remote in %.1f s (%s)", data_hash, benchmark_hash or "(none)",
+        fetched.seconds, f"rewrote {', '.join(fetched.changed)}" if fetched.changed else "already checked out",
+    )  # fmt: skip
+    return fetched.record()
+
+
 @task(name="push", **IO_RETRIES)
 def push_outputs(workspace: str) -> dict[str, Any]:
     """With a DVC remote (the cluster profile): the data and every stage output go there before the

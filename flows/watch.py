@@ -19,10 +19,12 @@ from prefect.events import emit_event
 
 from flows.logs import project_logs_to_run
 from flows.stages import ingest, ingest_markdown
+from tasks.common.dvc import dvc_data_hash
 from tasks.common.errors import PipelineError, WorkspaceBusy
 from tasks.common.files import read_json, write_json
 from tasks.common.processes import stop_leftover_stage
 from tasks.common.workspace import Workspace, workspace_lock
+from tasks.fetch import params_sha256
 
 DATASET_EVENT = "dataset.updated"
 PIPELINE_LOCK = "pipeline"
@@ -75,7 +77,13 @@ def watch_landing(workspace: str = ".") -> dict[str, Any]:
         return {"busy": True, "ingested": [], "announced": False}
     announced = False
     if needs_announcement(ws, result["data_hash"]):
-        payload = {"data_hash": result["data_hash"], "batch_ids": result["ingested"], "workspace": str(ws.root)}
+        payload = {
+            "data_hash": result["data_hash"],
+            "benchmark_hash": dvc_data_hash(ws.benchmark.with_suffix(".dvc")) or "",
+            "params_sha256": params_sha256(ws),
+            "batch_ids": result["ingested"],
+            "workspace": str(ws.root),
+        }
         emit_event(
             event=DATASET_EVENT,
             resource={"prefect.resource.id": dataset_resource_id(ws), "prefect.resource.name": ws.root.name},
