@@ -9,7 +9,9 @@ One entry point for what the modules' ``python -m`` commands do, which keep work
     ctl approve | reject V       a person's decision on version V (resumes a run waiting for it)
     ctl demo [--once]            the embedded Fashion-MNIST demo (what ``make demo`` runs)
     ctl up | down | check        the local Prefect server and the served deployments
-    ctl up --stack cluster       the same on PostgreSQL, S3, an MLflow server, with credentials
+    ctl up --stack cluster       the same on PostgreSQL, S3, an MLflow server, with credentials,
+                                 prefect.yaml's deployments on work pools and their workers
+    ctl worker --pool gpu        a worker of the cluster profile, in this checkout (a training machine)
     ctl reproduce V --into DIR   version V's code, params, dvc.lock and data, restored; DVC must call it current
     ctl watch                    one watch-landing tick
     ctl stage NAME               one pipeline step, as DVC runs it (ingest, validate, ...)
@@ -217,13 +219,16 @@ def up(
     stack: Annotated[
         str, typer.Option(help="embedded: Prefect on SQLite | cluster: PostgreSQL, S3, MLflow server (README)")
     ] = "embedded",
+    train_worker: Annotated[
+        bool, typer.Option(help="cluster: also start a gpu pool worker on this machine (off when others train)")
+    ] = True,
 ) -> None:
     """Start a Prefect server on 127.0.0.1 and serve the watch-landing and retrain deployments."""
     if stack not in STACKS:
         typer.echo(f"error: up: invalid --stack {stack!r}; supported: {', '.join(STACKS)}", err=True)
         raise typer.Exit(2)
     if stack == "cluster":
-        return up_cluster(workspace(ws), port, interval)
+        return up_cluster(workspace(ws), port, interval, train_worker)
     from flows import server
 
     with user_errors("up"):
@@ -232,7 +237,7 @@ def up(
     typer.echo(f"export PREFECT_API_URL={url}   # to run flows against it")
 
 
-def up_cluster(ws: Workspace, port: int, interval: int | None) -> None:
+def up_cluster(ws: Workspace, port: int, interval: int | None, train_worker: bool) -> None:
     import dataclasses
     import time
 
@@ -241,7 +246,7 @@ def up_cluster(ws: Workspace, port: int, interval: int | None) -> None:
     started = time.monotonic()
     with user_errors("up"):
         ports = dataclasses.replace(cluster.Ports.from_env(), prefect=port)
-        endpoints = cluster.up(ws, ports, interval)
+        endpoints = cluster.up(ws, ports, interval, train_worker=train_worker)
     rel = cluster.cluster_dir(ws).relative_to(ws.root)
     typer.echo(f"cluster profile up in {time.monotonic() - started:.0f} s (services bound to {endpoints.host}):")
     typer.echo(f"  PostgreSQL  {endpoints.host}:{endpoints.ports.postgres} (databases {', '.join(cluster.DATABASES)})")
@@ -250,6 +255,33 @@ def up_cluster(ws: Workspace, port: int, interval: int | None) -> None:
     typer.echo(f"  Prefect UI  {endpoints.prefect_api.removesuffix('/api')} (user {cluster.PREFECT_USER})")
     typer.echo(f"Credentials: {rel}/credentials.env (mode 0600). To use the services from a shell:")
     typer.echo(f"  set -a; . {rel}/endpoints.env; . {rel}/credentials.env; set +a")
+    local = "landing here, gpu in .cache/cluster/train-checkout" if train_worker else "landing here; gpu: none yet"
+    typer.echo(f"Workers: {local}. On a training machine, in its checkout: ctl worker --pool gpu")
+
+
+@app.command()
+def worker(
+    ws: Workspace_ = Path("."),
+    pool: Annotated[str, typer.Option(help="the work pool: gpu (retrains) or landing (watch and predict)")] = "gpu",
+    name: Annotated[str | None, typer.Option(help="the worker's name in the Prefect UI")] = None,
+) -> None:
+    """Run a worker of the cluster profile in this checkout, until interrupted. The environment
+    names the services and holds their credentials (endpoints.env and credentials.env)."""
+    import os
+    import socket
+    import sys
+
+    from flows import worker as workers
+
+    if pool not in workers.POOLS:
+        typer.echo(f"error: worker: invalid --pool {pool!r}; supported: {', '.join(workers.POOLS)}", err=True)
+        raise typer.Exit(2)
+    root = workspace(ws)
+    with user_errors("worker"):
+        workers.prepare_checkout(root)
+    name = name or f"{pool}-{socket.gethostname()}-{os.getpid()}"
+    os.chdir(root.root)
+    os.execve(sys.executable, workers.worker_command(pool, name), workers.worker_env(root.root, dict(os.environ)))
 
 
 @app.command()

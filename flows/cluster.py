@@ -10,7 +10,10 @@
   its artifacts proxied to ``s3://mlflow`` (``--serve-artifacts``), so clients need only the
   tracking URI and a user name and password;
 - a **Prefect server** on PostgreSQL, behind an API auth string;
-- the deployments (``serve``), as in the embedded profile, pointed at those services.
+- the deployments of ``prefect.yaml`` on two work pools (flows/worker.py): a ``landing`` worker
+  in this workspace runs the watch and predict; a ``gpu`` worker in a checkout of its own under
+  ``.cache/cluster/train-checkout`` runs the retrain, as a training machine would with
+  ``ctl worker`` (which it can be told not to start, when real training machines do that).
 
 Every service asks for credentials. They are generated on the first start into
 ``.cache/cluster/credentials.env`` (mode 0600, git-ignored: ``.cache/`` is) and handed to the
@@ -18,7 +21,7 @@ processes through their environment; nothing writes them to params.yaml, logs, a
 MLflow tags. The endpoints (no secrets) go to ``.cache/cluster/endpoints.env``. Services bind
 to 127.0.0.1 unless ``CTL_BIND_HOST`` names another address: that is an explicit choice.
 
-``ctl down`` stops what ``up`` started (the deployments and the servers first, PostgreSQL last).
+``ctl down`` stops what ``up`` started (the workers and the servers first, PostgreSQL last).
 Data stays in ``.cache/cluster/`` between starts.
 """
 
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import server
-from tasks.common.dvc import CLUSTER_REMOTE_URL, set_default_remote
+from tasks.common.dvc import CLUSTER_REMOTE_URL, run_dvc, set_default_remote
 from tasks.common.errors import PipelineError
 from tasks.common.workspace import Workspace
 
@@ -48,6 +51,8 @@ DATABASES = ("prefect", "mlflow", "mlflow_auth")
 BUCKETS = ("dvc", "mlflow")
 DB_USER = "ctl"
 MLFLOW_ADMIN = "admin"
+#: Secrets only the services themselves need.
+SERVER_ONLY = ("CTL_POSTGRES_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
 PREFECT_USER = "ctl"
 BIND_ENV = "CTL_BIND_HOST"
 START_TIMEOUT_S = 180
@@ -121,6 +126,11 @@ class Credentials:
 
     def env(self) -> dict[str, str]:
         return asdict(self)
+
+    def client_env(self) -> dict[str, str]:
+        """What a client of the services needs (a worker, a shell): not the database's password
+        nor the MLflow server's session key."""
+        return {k: v for k, v in self.env().items() if k not in SERVER_ONLY}
 
 
 def cluster_dir(ws: Workspace) -> Path:
@@ -468,8 +478,16 @@ def _wait(what: str, ready: Callable[[], bool], ws: Workspace, name: str, pid: i
 # --- up / down ---------------------------------------------------------------------------------
 
 
-def up(ws: Workspace, ports: Ports | None = None, interval: int | None = None, deployments: bool = True) -> Endpoints:
-    """Start the profile's services (and, with ``deployments``, serve the flows against them)."""
+def up(
+    ws: Workspace,
+    ports: Ports | None = None,
+    interval: int | None = None,
+    deployments: bool = True,
+    train_worker: bool = True,
+) -> Endpoints:
+    """Start the profile's services; with ``deployments``, deploy prefect.yaml to them and start
+    the landing pool's worker here (and, with ``train_worker``, a gpu pool worker in a checkout of
+    its own under ``.cache/cluster/``)."""
     endpoints = Endpoints(os.environ.get(BIND_ENV, "127.0.0.1"), ports or Ports.from_env())
     for name in SERVICES:
         if server.running(ws, name):
@@ -488,12 +506,39 @@ def up(ws: Workspace, ports: Ports | None = None, interval: int | None = None, d
         set_default_remote(ws.root, CLUSTER_REMOTE_URL, endpoints.s3_url)
         _write_env(endpoints_file(ws), endpoints.env())
         if deployments:
-            env = _service_env(**endpoints.env(), **creds.env())
-            server.start_serve(ws, endpoints.prefect_api, interval, env)
+            start_deployments(ws, _service_env(**endpoints.env(), **creds.client_env()), interval, train_worker)
     except BaseException:
         down(ws)
         raise
     return endpoints
+
+
+def start_deployments(ws: Workspace, env: dict[str, str], interval: int | None, train_worker: bool) -> None:
+    """prefect.yaml's deployments on the server (flows/worker.py), the landing worker in this
+    workspace and, with ``train_worker``, a gpu worker as another machine would run it."""
+    from flows import worker
+
+    cmd = [sys.executable, "-m", "flows.worker", "deploy", "-w", str(ws.root)]
+    proc = subprocess.run([*cmd, *(["--interval", str(interval)] if interval else [])], cwd=ws.root, env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if proc.returncode != 0:
+        raise PipelineError(f"deploying prefect.yaml failed: {(proc.stderr or proc.stdout).strip()[-3000:]}")
+    server.start(ws, "worker-landing", worker.worker_command("landing", "landing"), worker.worker_env(ws.root, env))
+    if train_worker:
+        checkout = train_checkout(ws, env["AWS_ENDPOINT_URL_S3"])
+        server.start(ws, "worker-gpu", worker.worker_command("gpu", "gpu-local"), worker.worker_env(checkout, env))
+
+
+def train_checkout(ws: Workspace, s3_url: str) -> Path:
+    """The local gpu worker's own clone of the workspace's code (``.cache/cluster/train-checkout``),
+    made once, with the cluster's DVC remote; it shares this machine's DVC cache instead of a
+    second copy of every image."""
+    checkout = cluster_dir(ws) / "train-checkout"
+    if not (checkout / ".git").is_dir():
+        subprocess.run(["git", "clone", "--quiet", str(ws.root), str(checkout)], check=True, capture_output=True)
+    set_default_remote(checkout, CLUSTER_REMOTE_URL, s3_url)
+    run_dvc(["cache", "dir", "--local", str(ws.root / ".dvc" / "cache")], checkout)
+    return checkout
 
 
 def down(ws: Workspace) -> list[str]:

@@ -24,7 +24,9 @@ from prefect.events import DeploymentEventTrigger
 from flows.predict import predict_folder
 from flows.retrain import retrain
 from flows.watch import DATASET_EVENT, dataset_resource_id, watch_landing
+from flows.worker import HEARTBEAT_S
 from tasks.common.config import PipelineConfig, load_params
+from tasks.common.errors import PipelineError
 from tasks.common.workspace import Workspace
 
 
@@ -67,9 +69,9 @@ def build_deployments(ws: Workspace, cfg: PipelineConfig, interval_s: int | None
 #: How often the serve process asks for runs to start: a retrain that ``dataset.updated``
 #: created waits up to this long before it starts (Prefect's default is 10 s).
 POLL_S = 2
-#: Flow runs started by the served deployments send a heartbeat this often (seconds) ...
-HEARTBEAT_S = 30
-#: ... and a run silent for this long (its process was killed) is marked Crashed.
+#: Flow runs send a heartbeat every HEARTBEAT_S seconds (flows/worker.py); a run silent for this
+#: long (its process was killed) is marked Crashed (``CTL_CRASH_AFTER_S`` overrides it when the
+#: automation is first created).
 SILENCE_S = 120
 CRASH_AUTOMATION = "ctl: mark flow runs without heartbeats as crashed"
 
@@ -90,6 +92,10 @@ def ensure_crash_detection() -> None:
         return
     except ValueError:
         pass
+    silence = int(os.environ.get("CTL_CRASH_AFTER_S", SILENCE_S))
+    heartbeat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_S))
+    if silence < 2 * heartbeat:  # a live run would be marked Crashed between two heartbeats
+        raise PipelineError(f"CTL_CRASH_AFTER_S={silence} must be at least twice the heartbeat period ({heartbeat} s)")
     terminal = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
     Automation(
         name=CRASH_AUTOMATION,
@@ -100,9 +106,9 @@ def ensure_crash_detection() -> None:
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
-            within=timedelta(seconds=SILENCE_S),
+            within=timedelta(seconds=silence),
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"no heartbeat for {SILENCE_S} s")],
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"no heartbeat for {silence} s")],
     ).create()
 
 

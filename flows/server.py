@@ -25,7 +25,7 @@ from tasks.common.workspace import Workspace
 DEFAULT_PORT = 4200
 #: Every service either profile starts, in the order ``down`` stops them: the deployments first
 #: (so they can report their runs' end), PostgreSQL last.
-STOP_ORDER = ("serve", "server", "mlflow", "seaweedfs", "postgres")
+STOP_ORDER = ("serve", "worker-landing", "worker-gpu", "server", "mlflow", "seaweedfs", "postgres")
 #: PostgreSQL stops at once on SIGINT ("fast" shutdown); the others on SIGTERM.
 STOP_SIGNALS = {"postgres": signal.SIGINT}
 
