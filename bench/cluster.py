@@ -109,7 +109,8 @@ def measure(base: Path, interval: int) -> dict[str, Any]:
         landed = time.time()
         retrain = wait_for(lambda: next(iter(api.runs("retrain")), None), 900, "the triggered retrain", every=0.5)
         fetched = wait_for(lambda: api.task(retrain["id"], "fetch"), 900, "the worker's fetch", every=2)
-        ticks = [r for r in api.runs("watch-landing") if r["end_time"] and ts(r["end_time"]) <= ts(retrain["created"])]
+        ticks = [r for r in api.runs("watch-landing")
+                 if r["state_type"] == "COMPLETED" and ts(r["end_time"]) <= ts(retrain["created"])]  # fmt: skip
         ingesting = ticks[-1]
         api.post(f"/flow_runs/{retrain['id']}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
         figures = {

@@ -24,7 +24,7 @@ from prefect.events import DeploymentEventTrigger
 from flows.predict import predict_folder
 from flows.retrain import retrain
 from flows.watch import DATASET_EVENT, dataset_resource_id, watch_landing
-from flows.worker import HEARTBEAT_S
+from flows.worker import HEARTBEAT_S, POLL_S
 from tasks.common.config import PipelineConfig, load_params
 from tasks.common.errors import PipelineError
 from tasks.common.workspace import Workspace
@@ -66,9 +66,6 @@ def build_deployments(ws: Workspace, cfg: PipelineConfig, interval_s: int | None
     return [watch, train, score]
 
 
-#: How often the serve process asks for runs to start: a retrain that ``dataset.updated``
-#: created waits up to this long before it starts (Prefect's default is 10 s).
-POLL_S = 2
 #: Flow runs send a heartbeat every HEARTBEAT_S seconds (flows/worker.py); a run silent for this
 #: long (its process was killed) is marked Crashed (``CTL_CRASH_AFTER_S`` overrides it when the
 #: automation is first created).

@@ -40,6 +40,9 @@ POOLS = {"landing": "watch-landing and predict, where batches land", "gpu": "ret
 #: Flow runs (served or on workers) send a heartbeat this often; flows/deploy.py's automation
 #: marks a run Crashed when they stop.
 HEARTBEAT_S = 30
+#: How often a worker asks the server for runs to start: a triggered retrain waits up to this long
+#: (Prefect's default is 10 s; the embedded profile's serve process polls as often).
+POLL_S = 2
 #: What a run may have changed in its checkout and a new commit may overwrite: pipeline state that
 #: is pushed to the DVC remote and logged on the registered version, never code.
 PIPELINE_STATE = ("data", "dvc.lock")
@@ -94,8 +97,9 @@ def worker_command(pool: str, name: str) -> list[str]:
 
 def worker_env(root: Path, env: dict[str, str]) -> dict[str, str]:
     """The worker's environment (its flow runs inherit it): ``env`` plus where it works and how
-    often its runs send heartbeats (unless ``env`` says)."""
-    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S), **env, WORKSPACE_ENV: str(root)}
+    often it polls and its runs send heartbeats (unless ``env`` says)."""
+    defaults = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S), "PREFECT_WORKER_QUERY_SECONDS": str(POLL_S)}
+    return {**defaults, **env, WORKSPACE_ENV: str(root)}
 
 
 # --- deploy (`ctl up --stack cluster` runs this against the profile's Prefect server) ----------
