@@ -71,11 +71,36 @@ def build_deployments(ws: Workspace, cfg: PipelineConfig, interval_s: int | None
 #: automation is first created).
 SILENCE_S = 120
 CRASH_AUTOMATION = "ctl: mark flow runs without heartbeats as crashed"
+PENDING_AUTOMATION = "ctl: mark flow runs stuck in Pending as crashed"
 
 
 def ensure_crash_detection() -> None:
-    """An automation that marks a run Crashed when its heartbeats stop (the serve process
-    was killed mid-run), so the UI shows the truth and the next trigger starts clean."""
+    """Automations that mark a run Crashed when it is silent for too long, so the UI shows the
+    truth and the concurrency slot it holds is freed for the next run:
+
+    - a Running run whose heartbeats stop (its process or machine was killed mid-run);
+    - a run that stays Pending (it took a concurrency slot, then its process never started:
+      e.g. the database went away while a worker was submitting it, and the worker could not
+      even mark it Crashed). Without this, such a tick holds the watch's concurrency slot and
+      every later tick is cancelled (seen after a PostgreSQL restart), at best until Prefect's
+      deployment lease (300 s by default) runs out.
+    """
+    silence = int(os.environ.get("CTL_CRASH_AFTER_S", SILENCE_S))
+    heartbeat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_S))
+    if silence < 2 * heartbeat:  # a live run would be marked Crashed between two heartbeats
+        raise PipelineError(f"CTL_CRASH_AFTER_S={silence} must be at least twice the heartbeat period ({heartbeat} s)")
+    terminal = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+    _crash_when_silent(CRASH_AUTOMATION, "prefect.flow-run.heartbeat", {"prefect.flow-run.heartbeat", *terminal},
+                       silence, f"no heartbeat for {silence} s")  # fmt: skip
+    later = ("Running", "Cancelling", "Scheduled", "AwaitingConcurrencySlot", "Paused", "Suspended")
+    moved_on = {f"prefect.flow-run.{state}" for state in later}
+    _crash_when_silent(PENDING_AUTOMATION, "prefect.flow-run.Pending", moved_on | terminal, silence,
+                       f"Pending for {silence} s: its process never started")  # fmt: skip
+
+
+def _crash_when_silent(name: str, after: str, expect: set[str], seconds: int, message: str) -> None:
+    """Automation ``name`` (created once): a flow run with an ``after`` event and none of
+    ``expect`` within ``seconds`` is set Crashed."""
     from datetime import timedelta
 
     from prefect.automations import Automation
@@ -85,27 +110,22 @@ def ensure_crash_detection() -> None:
     from prefect.events.schemas.events import ResourceSpecification
 
     try:
-        Automation.read(name=CRASH_AUTOMATION)
+        Automation.read(name=name)
         return
     except ValueError:
         pass
-    silence = int(os.environ.get("CTL_CRASH_AFTER_S", SILENCE_S))
-    heartbeat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_S))
-    if silence < 2 * heartbeat:  # a live run would be marked Crashed between two heartbeats
-        raise PipelineError(f"CTL_CRASH_AFTER_S={silence} must be at least twice the heartbeat period ({heartbeat} s)")
-    terminal = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
     Automation(
-        name=CRASH_AUTOMATION,
+        name=name,
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", *terminal},
+            after={after},
+            expect=expect,
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
-            within=timedelta(seconds=silence),
+            within=timedelta(seconds=seconds),
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"no heartbeat for {silence} s")],
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=message)],
     ).create()
 
 

@@ -32,8 +32,9 @@ from tasks.data.rows import RowProblem
 
 #: Where the pipeline's code, dvc.yaml, gx/ and the reference params.yaml live.
 PROJECT = Path(__file__).resolve().parents[1]
-#: Copied into every workspace: the stages' code and definitions.
-CODE = ("tasks", "gx", "dvc.yaml", ".gitignore", ".dvcignore")
+#: Copied into every workspace: the stages' code and definitions, and the flows with their
+#: prefect.yaml (the cluster profile's workers run the workspace's own copy).
+CODE = ("tasks", "flows", "gx", "dvc.yaml", "prefect.yaml", ".gitignore", ".dvcignore")
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 #: Headers looked at to choose sizes: enough for a stable median, quick on a big folder.
 SAMPLE = 2000
