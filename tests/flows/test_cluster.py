@@ -375,11 +375,17 @@ def test_a_worker_killed_mid_retrain_leaves_a_crashed_run_and_two_workers_never_
     assert int(version["version"]) >= 2
 
     # A scheduled retrain (no event) takes the newest announcement, which is trained already.
-    with prefect_client(stack) as client:
+    with prefect_client(stack):
         scheduled = run_deployment("retrain/retrain", parameters={}, timeout=600)
-        assert scheduled.state.is_completed(), scheduled.state.message
-        logs = [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[scheduled.id])))]
-    assert any(f"data {data_hash} already has model version {version['version']}" in m for m in logs), logs
+    assert scheduled.state.is_completed(), scheduled.state.message
+    said = f"data {data_hash} already has model version {version['version']}"
+
+    def logged() -> list[str]:  # a run's last log lines reach the server after its final state
+        with prefect_client(stack) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[scheduled.id])))
+        return [log.message for log in logs if said in log.message]
+
+    wait_for(f"the scheduled run logs {said!r}", logged, 60)
 
 
 def test_the_servers_and_the_watch_recover_when_postgresql_restarts(stack: dict) -> None:
