@@ -45,7 +45,7 @@ HEARTBEAT_S = 30
 POLL_S = 2
 #: What a run may have changed in its checkout and a new commit may overwrite: pipeline state that
 #: is pushed to the DVC remote and logged on the registered version, never code.
-PIPELINE_STATE = ("data", "dvc.lock")
+PIPELINE_STATE = ("data/", "dvc.lock")
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -114,9 +114,9 @@ def create_pools() -> list[str]:
     from prefect.workers.process import ProcessWorker
 
     created = []
+    template = ProcessWorker.get_default_base_job_template()
     with get_client(sync_client=True) as client:
         for pool, what in POOLS.items():
-            template = ProcessWorker.get_default_base_job_template()
             try:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template,
                                                        description=what))  # fmt: skip
@@ -127,7 +127,7 @@ def create_pools() -> list[str]:
 
 
 def deploy(ws: Workspace) -> None:
-    """``prefect deploy --all`` of this checkout's prefect.yaml, then the schedules of params.yaml."""
+    """``prefect deploy --all`` of this checkout's prefect.yaml, its trigger matching this workspace's dataset."""
     env = {**os.environ, "CTL_DATASET_RESOURCE": dataset_resource_id(ws)}
     cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"]
     proc = subprocess.run(cmd, cwd=ws.root, env=env, capture_output=True, text=True, check=False)
