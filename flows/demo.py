@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from datetime import datetime
@@ -84,7 +85,9 @@ def latest_progress(ws: Workspace) -> str:
     with log_file.open("rb") as fh:
         fh.seek(max(0, log_file.stat().st_size - 20_000))
         lines = [ln for ln in fh.read().decode("utf-8", "replace").splitlines() if "img/s" in ln]
-    return lines[-1].split("__main__: ")[-1] if lines else ""
+    # "HH:MM:SS.mmm | INFO    | tasks.model.trainer - epoch ..." (a stage run in the flow's process) or
+    # "HH:MM:SS INFO    tasks.model.trainer: epoch ..." (a stage process's own format)
+    return re.split(r"tasks\.model\.\w+(?: - |: )", lines[-1], maxsplit=1)[-1] if lines else ""
 
 
 def wait_for_retrain(url: str, ws: Workspace, since: float, timeout_s: float = 1800) -> dict[str, Any]:

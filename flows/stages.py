@@ -1,8 +1,9 @@
-"""Prefect tasks around the pipeline steps: ingest and register run in-process, the DVC
-stages run through ``dvc repro --single-item`` so dvc.lock is written exactly as by
-``dvc repro``. A stage process reports how it ended in a small JSON file (tasks/common/stage.py),
-which is what these tasks read: no scraping of output. Only errors known to be transient are
-retried."""
+"""Prefect tasks around the pipeline steps: ingest and register run in-process; the DVC stages
+run through DVC (``dvc repro --single-item``: DVC decides whether a stage changed and writes
+dvc.lock exactly as ``dvc repro`` does). DVC runs a stage's command in this process when this
+process runs the workspace's own code (tasks/common/dvc.py), else in a process of its own, which
+reports how it ended in a small JSON file (tasks/common/stage.py): no scraping of output either
+way. Only errors known to be transient are retried."""
 
 from __future__ import annotations
 
@@ -140,6 +141,67 @@ def dvc_stage_env() -> dict[str, str]:
 
 
 def run_dvc_stage(stage: str, workspace: str) -> dict[str, Any]:
+    """One DVC stage, in this process when it can (``retrain.isolate_stages`` off, a one-process
+    train, the workspace's code is this process's), else in a process of its own."""
+    ws = Workspace(Path(workspace))
+    stop_leftover_stage(ws)
+    why = isolation_reason(stage, ws)
+    if why is None:
+        return run_stage_inline(stage, ws)
+    get_run_logger().info("%s: in a process of its own (%s)", stage, why)
+    return run_stage_process(stage, ws)
+
+
+def isolation_reason(stage: str, ws: Workspace) -> str | None:
+    """Why ``stage`` runs in a process of its own; None: this process runs it."""
+    from tasks.common.dvc import inline_refusal
+
+    cfg = load_params(ws.params)
+    if cfg.retrain.isolate_stages:
+        return "retrain.isolate_stages"
+    if stage == "train" and cfg.train.processes * cfg.train.nnodes > 1:
+        return "train.processes: torchrun's processes are stopped with the stage's process group"
+    return inline_refusal(ws.root, stage)
+
+
+def run_stage_inline(stage: str, ws: Workspace) -> dict[str, Any]:
+    """DVC's ``repro --single-item`` in this process, the stage's ``run_<stage>(cfg, ws)`` as its
+    command: no interpreter, DVC or torch start-up per stage (bench/orchestration.py)."""
+    import importlib
+
+    from tasks.common.dvc import reproduce_inline
+    from tasks.common.stage import run_step
+
+    logger = get_run_logger()
+    step = getattr(importlib.import_module(f"tasks.{stage}"), f"run_{stage}")
+    outcome: StageOutcome | None = None
+
+    def command() -> None:
+        nonlocal outcome
+        outcome, exc = run_step(stage, lambda: step(load_params(ws.params), ws))
+        if exc is not None:
+            if outcome.error_kind == "bug":
+                logger.error("%s failed", stage, exc_info=exc)
+            raise exc
+
+    started = time.monotonic()
+    try:
+        ran = reproduce_inline(ws.root, stage, command)
+    except Exception as exc:
+        if outcome is not None and not outcome.ok:
+            raise StageFailed(f"{stage}: {outcome.error}", outcome.error_kind or "bug") from None
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise StageFailed(f"{stage}: dvc: {exc}{cause}", "dvc") from exc
+    seconds = time.monotonic() - started
+    if outcome is not None:
+        logger.info("%s: %.1f s, of which DVC's checks and records %.1f s", stage, seconds, seconds - outcome.seconds)
+    else:
+        logger.info("%s: %s (%.1f s)", stage, "restored from DVC's run cache" if ran else "unchanged", seconds)
+    return {"stage": stage, "ran": outcome is not None, "seconds": outcome.seconds if outcome else 0.0,
+            "result": outcome.result if outcome else None}  # fmt: skip
+
+
+def run_stage_process(stage: str, ws: Workspace) -> dict[str, Any]:
     """``dvc repro --single-item <stage>``, streaming its output into the Prefect log; the
     stage's outcome file says whether it ran and how it ended.
 
@@ -148,8 +210,7 @@ def run_dvc_stage(stage: str, workspace: str) -> dict[str, Any]:
     lock, while this process waits for it. The group is recorded in the workspace while it runs,
     so if this process is killed outright, the next stage (or run) stops what it left."""
     logger = get_run_logger()
-    ws = Workspace(Path(workspace))
-    stop_leftover_stage(ws)
+    workspace = str(ws.root)
     ws.stage_results.mkdir(parents=True, exist_ok=True)
     result_file = ws.stage_results / f"{stage}-{uuid.uuid4().hex}.json"
     env = dvc_stage_env()

@@ -320,6 +320,11 @@ class RetrainConfig(_Strict):
 
     #: Cron schedule (UTC) for retrains without new data; null disables it.
     cron: str | None = "0 3 * * 1"
+    #: True: every DVC stage in a process of its own (``dvc repro --single-item``), so a stage
+    #: that crashes (the OOM killer, a segfault) cannot take the flow run with it, at about 8 s
+    #: of start-up per stage. False: the flow's process runs the stage's command itself through
+    #: DVC's API when it is running the workspace's own code (else it still starts a process).
+    isolate_stages: bool = False
 
 
 class PredictConfig(_Strict):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -55,3 +59,69 @@ def dvc_data_hash(dvc_file: Path) -> str | None:
         return None
     outs = yaml.safe_load(dvc_file.read_text(encoding="utf-8")).get("outs") or [{}]
     return outs[0].get("md5")
+
+
+def stage_command(stage: str) -> str:
+    """The command every stage of dvc.yaml runs: its own module (tasks/<stage>.py)."""
+    return f"python -m tasks.{stage}"
+
+
+def inline_refusal(root: Path, stage: str) -> str | None:
+    """Why this process cannot run ``stage``'s command itself (None when it can): dvc.yaml names
+    another command, or a module the stage imports (its ``tasks/*.py`` dependencies, every one
+    of them listed there) is not byte for byte the file this process loaded. Running the
+    workspace's own command then is the only way DVC's record of the code stays true."""
+    spec = (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")).get("stages") or {}).get(stage) or {}
+    if spec.get("cmd") != stage_command(stage):
+        return f"dvc.yaml runs {spec.get('cmd')!r}, not {stage_command(stage)!r}"
+    for dep in spec.get("deps") or []:
+        path = dep if isinstance(dep, str) else next(iter(dep))
+        if not (path.startswith("tasks/") and path.endswith(".py")):
+            continue
+        name = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        try:
+            loaded = Path(importlib.import_module(name).__file__ or "")
+        except ImportError as exc:
+            return f"{path} does not import here ({exc})"
+        theirs = root / path
+        if not theirs.is_file() or theirs.read_bytes() != loaded.read_bytes():
+            return f"the workspace's {path} differs from the code this process runs ({loaded})"
+    return None
+
+
+def reproduce_inline(root: Path, stage: str, command: Callable[[], None]) -> bool:
+    """``dvc repro --single-item <stage>`` through DVC's own API in this process, with the
+    stage's command run by calling ``command`` instead of starting a shell and a Python
+    interpreter that imports everything again. DVC itself decides whether the stage changed,
+    removes its outputs, hashes dependencies and outputs, saves the run cache and writes
+    dvc.lock: the record is the one the command line writes. True when the stage ran; an
+    exception from ``command`` propagates, wrapped in DVC's ReproductionError, and nothing is
+    recorded for the stage.
+
+    One difference: a changed stage always runs here, where ``dvc repro`` would first look for
+    the same inputs in its run cache. That look-up hashes every dependency twice more (seconds
+    for a data directory of many files: bench/orchestration.py) and can only find something
+    after the inputs went back to an earlier state."""
+    import dvc.stage.run as dvc_stage_run
+    from dvc.repo import Repo
+
+    expected = stage_command(stage)
+
+    def cmd_run(dvc_stage: Any, dry: bool = False, run_env: Any = None) -> None:
+        if dvc_stage.cmd != expected or dry:  # not ours to shortcut: DVC's own runner
+            return original(dvc_stage, dry=dry, run_env=run_env)
+        command()
+        return None
+
+    original = dvc_stage_run.cmd_run
+    dvc_stage_run.cmd_run = cmd_run  # run_stage looks the runner up at call time
+    try:
+        # DVC resolves targets and paths against the working directory, as ``dvc repro`` run there
+        with contextlib.chdir(root), Repo(str(root)) as repo:
+            (found,) = repo.stage.collect(stage)
+            with repo.lock:
+                if not found.changed():  # what ``dvc repro`` asks first (single item: no upstream)
+                    return False
+            return bool(repo.reproduce(targets=[stage], single_item=True, force=True))
+    finally:
+        dvc_stage_run.cmd_run = original

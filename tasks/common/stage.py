@@ -65,26 +65,35 @@ def setup_cli_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def run_cli(stage: str, fn: Callable[[], object]) -> None:
-    """Run a stage's ``main`` body: user errors become one line on stderr and exit code 2.
-
-    The outcome also goes to the file named by ``CTL_STAGE_RESULT`` when the flow set it, so
-    the flow reads how the stage ended instead of scraping its output. The closing "finished
-    in" line is the stage's own work time, which bench/orchestration.py separates from
-    orchestration overhead.
-    """
-    setup_cli_logging()
+def run_step(stage: str, fn: Callable[[], object]) -> tuple[StageOutcome, Exception | None]:
+    """Run a step's body and say how it ended; the exception comes back too (its traceback is
+    the log's business). The "finished in" line is the step's own work time, which
+    bench/orchestration.py separates from orchestration overhead."""
     started = time.monotonic()
     try:
         result = fn()
     except PipelineError as exc:
-        _record(StageOutcome(stage, False, time.monotonic() - started, "user", str(exc)))
-        print(f"error: {stage}: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        return StageOutcome(stage, False, time.monotonic() - started, "user", str(exc)), exc
     except Exception as exc:
         kind = "transient" if is_transient(exc) else "bug"
-        _record(StageOutcome(stage, False, time.monotonic() - started, kind, f"{type(exc).__name__}: {exc}"))
-        raise
+        return StageOutcome(stage, False, time.monotonic() - started, kind, f"{type(exc).__name__}: {exc}"), exc
     seconds = time.monotonic() - started
-    _record(StageOutcome(stage, True, seconds, result=_plain(result)))
     log.info("%s finished in %.1f s", stage, seconds)
+    return StageOutcome(stage, True, seconds, result=_plain(result)), None
+
+
+def run_cli(stage: str, fn: Callable[[], object]) -> None:
+    """Run a stage's ``main`` body: user errors become one line on stderr and exit code 2.
+
+    The outcome also goes to the file named by ``CTL_STAGE_RESULT`` when the flow set it, so
+    the flow reads how the stage ended instead of scraping its output.
+    """
+    setup_cli_logging()
+    outcome, exc = run_step(stage, fn)
+    _record(outcome)
+    if exc is None:
+        return
+    if outcome.error_kind == "user":
+        print(f"error: {stage}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    raise exc

@@ -74,6 +74,7 @@ def test_a_run_without_services_is_quiet_keeps_its_state_in_the_workspace_and_st
 
     params = tiny_params()
     params["train"]["epochs"] = 500  # minutes of training: the stop must not wait for it
+    params["retrain"]["isolate_stages"] = True  # the stage's own processes must stop with the run
     ws = new_workspace(tmp_path / "ws", params)
     write_batch(ws / "landing" / "batch-001", 60, seed=1)
     home = tmp_path / "home"

@@ -1,5 +1,6 @@
-"""Integration: a retrain killed outright (SIGKILL) leaves its DVC stage running; the next stage
-stops it and completes."""
+"""Integration: a retrain killed outright (SIGKILL) leaves its DVC stage running when the stage
+has a process of its own; the next stage stops it and completes. A stage run in the flow's own
+process dies with it, and DVC's locks of the dead process do not block the next one."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def test_the_next_stage_stops_the_stage_a_killed_run_left_and_completes(
 
     params = tiny_params()
     params["train"]["epochs"] = 500  # minutes of training: still running when the flow is killed
+    params["retrain"]["isolate_stages"] = True  # the stage in a process group of its own
     root = new_workspace(tmp_path / "ws", params)
     ws = Workspace(root)
     write_batch(root / "landing" / "batch-001", 60, seed=1)
@@ -104,3 +106,52 @@ def test_the_next_stage_stops_the_stage_a_killed_run_left_and_completes(
     pids = ", ".join(str(pid) for pid in sorted(p.pid for p in leftover))
     warning = f"stopped the train stage left running by a run that was killed (pid {proc.pid}): processes {pids}"
     assert ("tasks.common.processes", warning) in run_log(state.state_details.flow_run_id)
+
+
+def wait_for_inline_train(root: Path, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until DVC's lock file says the run's own process (no stage process) writes the train stage's outputs."""
+    rwlock = root / ".dvc" / "tmp" / "rwlock"
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the retrain ended before its train stage: " + log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no train stage in time: " + log.read_text()[-3000:]
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            writers = {info["pid"] for path, info in (yaml.safe_load(rwlock.read_text()) or {}).get("write", {}).items()
+                       if path.endswith("/models")}  # fmt: skip
+            if writers == {proc.pid}:
+                return
+        time.sleep(0.2)
+
+
+def test_a_stage_run_in_the_flows_process_dies_with_it_and_the_next_run_is_not_blocked(
+    tmp_path: Path, new_workspace: Callable[..., Path]
+) -> None:
+    params = tiny_params()
+    params["train"]["epochs"] = 500
+    root = new_workspace(tmp_path / "ws", params)
+    write_batch(root / "landing" / "batch-001", 60, seed=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    from prefect.settings import PREFECT_API_URL
+
+    env.update(PREFECT_API_URL=str(PREFECT_API_URL.value()), PYTHONUNBUFFERED="1")
+    log = tmp_path / "retrain.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ctl")), "retrain", "-w", str(root)],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for_inline_train(root, proc, log)
+        before = psutil.Process(proc.pid).children(recursive=True)
+        assert not any("tasks.train" in " ".join(p.cmdline()) for p in before), "train ran in a process of its own"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        params["train"]["epochs"] = 1
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        state = train_once(str(root), return_state=True)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            proc.kill()
+    assert state.is_completed(), state.message
+    assert state.result()["ran"] and (root / "models").is_dir()
+    assert dvc(root, "status", "train").stdout.strip() == "Data and pipelines are up to date."
