@@ -60,7 +60,9 @@ def seed(ws: Workspace, number: int) -> Path:
 
 def retrain_runs(url: str, since: float) -> list[dict[str, Any]]:
     body = {"deployments": {"name": {"any_": ["retrain"]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    runs = httpx.post(f"{url}/flow_runs/filter", json=body, timeout=10).json()
+    resp = httpx.post(f"{url}/flow_runs/filter", json=body, timeout=10)
+    resp.raise_for_status()
+    runs = resp.json()
     # Runs the cron schedule created ahead of time stay "Scheduled"; a triggered run shows up
     # at once (possibly "AwaitingConcurrencySlot" behind another retrain).
     return [r for r in runs if r["state_name"] != "Scheduled" and _ts(r["created"]) >= since]
@@ -72,7 +74,9 @@ def _ts(iso: str) -> float:
 
 def task_states(url: str, flow_run_id: str) -> str:
     body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    runs = httpx.post(f"{url}/task_runs/filter", json=body, timeout=10).json()
+    resp = httpx.post(f"{url}/task_runs/filter", json=body, timeout=10)
+    resp.raise_for_status()
+    runs = resp.json()
     return ", ".join(f"{r['name'].rsplit('-', 1)[0] if r['name'].startswith(('ingest', 'register')) else r['name']}: "
                      f"{r['state_name']}" for r in runs)  # fmt: skip
 
@@ -94,10 +98,16 @@ def wait_for_retrain(url: str, ws: Workspace, since: float, timeout_s: float = 1
     """The first retrain run created after ``since``, once it has finished; shows progress."""
     deadline, last = time.monotonic() + timeout_s, ""
     while time.monotonic() < deadline:
-        runs = retrain_runs(url, since)
+        try:
+            runs = retrain_runs(url, since)
+            tasks = task_states(url, runs[0]["id"]) if runs else ""
+        except (httpx.TransportError, httpx.HTTPStatusError) as exc:  # a busy server: ask again
+            log.warning("the Prefect API did not answer (%s); asking again", exc)
+            time.sleep(5)
+            continue
         if runs:
             run = runs[0]
-            status = f"retrain '{run['name']}' {run['state_name']} | {task_states(url, run['id'])}"
+            status = f"retrain '{run['name']}' {run['state_name']} | {tasks}"
             if "train: Running" in status:
                 status += f" | {latest_progress(ws)}"
             if status != last:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import UTC
 from pathlib import Path
 
 from prefect import serve
@@ -159,6 +160,45 @@ def crash_orphaned_runs(deployments: list[str]) -> list[str]:
     return [run.name for run in runs]
 
 
+def drop_missed_ticks(deployment: str = "watch-landing") -> int:
+    """Delete the watch ticks that fell due while nothing served them, at serve start-up.
+
+    The server schedules ticks ahead; after a stop of hours every one of them is late at once,
+    and the new serve process would submit them all together (hundreds: one every
+    ``watch.interval_s``), each only to be cancelled by the deployment's concurrency limit, while
+    the burst keeps the server too busy to answer. One tick finds whatever the missed ones would
+    have: the first tick after start-up does.
+    """
+    from datetime import datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    due = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),  # Late is one too
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(UTC)),
+    )
+    dropped = 0
+    with get_client(sync_client=True) as client:
+        while missed := client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+            flow_run_filter=due,
+            limit=200,
+        ):
+            for run in missed:
+                client.delete_flow_run(run.id)
+            dropped += len(missed)
+    return dropped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the watch-landing and retrain deployments.")
     parser.add_argument("--workspace", default=".", help="the git + DVC repository (default: .)")
@@ -173,6 +213,8 @@ def main() -> None:
     deployments = build_deployments(ws, load_params(ws.params), args.interval)
     if orphans := crash_orphaned_runs([d.name for d in deployments]):
         print(f"marked orphaned runs as crashed: {', '.join(orphans)}")
+    if missed := drop_missed_ticks():
+        print(f"dropped {missed} watch tick(s) that fell due while nothing served them")
     serve(*deployments, query_seconds=POLL_S)
 
 

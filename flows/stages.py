@@ -196,7 +196,7 @@ def run_stage_inline(stage: str, ws: Workspace) -> dict[str, Any]:
     if outcome is not None:
         logger.info("%s: %.1f s, of which DVC's checks and records %.1f s", stage, seconds, seconds - outcome.seconds)
     else:
-        logger.info("%s: %s (%.1f s)", stage, "restored from DVC's run cache" if ran else "unchanged", seconds)
+        logger.info("%s: %s (%.1f s)", stage, "run by DVC" if ran else "unchanged: nothing to do", seconds)
     return {"stage": stage, "ran": outcome is not None, "seconds": outcome.seconds if outcome else 0.0,
             "result": outcome.result if outcome else None}  # fmt: skip
 

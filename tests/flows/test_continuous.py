@@ -207,3 +207,31 @@ def test_serve_restart_marks_orphaned_runs_crashed(served: dict) -> None:
     after = api("GET", f"{url}/flow_runs/{run['id']}")
     assert after["state_type"] == "CRASHED"
     assert "orphaned" in after["state"]["message"]
+
+
+def test_serve_start_drops_the_watch_ticks_missed_while_nothing_served(served: dict) -> None:
+    """Ticks that fell due while the services were down are deleted at serve start-up instead
+    of being submitted all at once; a tick still ahead is kept. The ticks belong to a deployment
+    of the watch flow that no process serves, so no runner can pick a due one up first."""
+    from datetime import UTC, datetime, timedelta
+
+    url = served["url"]
+    watch = api("GET", f"{url}/deployments/name/watch-landing/watch-landing")
+    unserved = api("POST", f"{url}/deployments/", json={"name": "watch-unserved", "flow_id": watch["flow_id"]})
+    now = datetime.now(UTC)
+    runs = {}
+    for label, offset in (("missed-1", -3600), ("missed-2", -60), ("ahead", 3600)):
+        when = (now + timedelta(seconds=offset)).isoformat()
+        state = {"type": "SCHEDULED", "name": "Scheduled", "state_details": {"scheduled_time": when}}
+        runs[label] = api("POST", f"{url}/deployments/{unserved['id']}/create_flow_run",
+                          json={"name": label, "state": state})["id"]  # fmt: skip
+
+    code = "from flows.deploy import drop_missed_ticks; print(drop_missed_ticks('watch-unserved'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PREFECT_API_URL": url},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) == 2
+    assert httpx.get(f"{url}/flow_runs/{runs['missed-1']}", timeout=15).status_code == 404
+    assert httpx.get(f"{url}/flow_runs/{runs['missed-2']}", timeout=15).status_code == 404
+    assert api("GET", f"{url}/flow_runs/{runs['ahead']}")["state_type"] == "SCHEDULED"
+    api("DELETE", f"{url}/deployments/{unserved['id']}")
