@@ -1,0 +1,61 @@
+"""reproduce_inline: a stage run through DVC's API in this process leaves the record the
+``dvc repro`` command line leaves, run-cache entry included."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.common.config import load_params
+from tasks.common.dvc import reproduce_inline
+from tasks.common.workspace import Workspace
+from tasks.ingest import run_ingest
+from tasks.prepare import run_prepare
+from tasks.validate import run_validate
+from tests.helpers import dvc, write_batch
+
+pytestmark = pytest.mark.integration
+
+
+def run_cache(root: Path) -> dict[str, str]:
+    """Every run-cache entry: its path under .dvc/cache/runs (keyed on the stage's command and
+    dependency hashes, named after the hash of its record) -> the record."""
+    runs = root / ".dvc" / "cache" / "runs"
+    return {p.relative_to(runs).as_posix(): p.read_text() for p in runs.rglob("*") if p.is_file()}
+
+
+def lock_entry(root: Path, stage: str) -> dict:
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"][stage]
+
+
+def test_an_inline_stage_leaves_the_lock_and_run_cache_entry_that_dvc_repro_leaves(
+    tmp_path: Path, new_workspace: Callable[..., Path]
+) -> None:
+    root = new_workspace(tmp_path / "ws")
+    ws = Workspace(root)
+    write_batch(root / "landing" / "batch-001", 60, seed=1)
+    assert run_ingest(load_params(ws.params), ws).ingested == ["batch-001"]
+
+    assert reproduce_inline(root, "validate", lambda: run_validate(load_params(ws.params), ws))
+    assert reproduce_inline(root, "prepare", lambda: run_prepare(load_params(ws.params), ws))
+    inline_lock, inline_runs = lock_entry(root, "prepare"), run_cache(root)
+    assert len(inline_runs) == 1, inline_runs  # prepare's (validate's outputs are not cached: no entry)
+    assert dvc(root, "status", "validate", "prepare").stdout.strip() == "Data and pipelines are up to date."
+    # Unchanged: nothing runs.
+    assert not reproduce_inline(root, "prepare", lambda: pytest.fail("an unchanged stage ran"))
+
+    shutil.rmtree(root / ".dvc" / "cache" / "runs")
+    # The stage command says ``python``: this interpreter, as flows.stages runs it.
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    cli = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "--force", "prepare"],
+                         cwd=root, env=env, capture_output=True, text=True)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert lock_entry(root, "prepare") == inline_lock
+    assert run_cache(root) == inline_runs
