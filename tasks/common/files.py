@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,26 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def regular_file_stat(path: str | Path) -> os.stat_result | None:
+    """``os.stat`` of ``path`` (links followed) when it is a regular file; None wherever
+    ``Path.is_file()`` is False. One system call where ``is_file()`` and ``stat()`` make two."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EBADF):  # what is_file() also reads as "not a file"
+            return None
+        raise
+    return info if stat.S_ISREG(info.st_mode) else None
 
 
 class FileHashCache:
@@ -36,9 +52,10 @@ class FileHashCache:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 log.warning("ignoring unreadable hash cache %s", path)
 
-    def sha256(self, file: Path) -> str:
-        stat = file.stat()
-        key, stamp = str(file), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    def sha256(self, file: str | Path, known: os.stat_result | None = None) -> str:
+        """``known``: the file's ``os.stat`` when the caller has just taken it."""
+        info = known or os.stat(file)
+        key, stamp = str(file), [info.st_size, info.st_mtime_ns, info.st_ino]
         entry = self._entries.get(key)
         digest = entry[3] if entry and entry[:3] == stamp else sha256_file(file)
         self._seen[key] = [*stamp, digest]

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from tasks.common.config import PipelineConfig
 from tasks.common.errors import PipelineError
-from tasks.common.files import FileHashCache, read_json, sha256_lines
+from tasks.common.files import FileHashCache, read_json, regular_file_stat, sha256_lines
 from tasks.data.manifest import BATCH_INFO, REJECTED_INFO, RELEASED_INFO
 from tasks.data.rows import BAD_FILENAME, MISSING_FILE, PATH_OUTSIDE_BATCH, UNREADABLE, RowProblem
 
@@ -96,6 +96,11 @@ class InsideBatch:
         self._folders: dict[str, str] = {}
 
     def resolve(self, rel: str) -> Path:
+        return Path(self.resolve_str(rel))
+
+    def resolve_str(self, rel: str) -> str:
+        """``resolve`` as a string: a watch tick resolves every landed row, and a ``Path`` per row
+        was a third of a tick that finds nothing new."""
         if not rel:
             raise RowProblem(MISSING_FILE, "no path given")
         if "\x00" in rel:  # no file system takes it (and os calls raise ValueError on it)
@@ -115,7 +120,7 @@ class InsideBatch:
                 path = os.path.realpath(path)
         if path != self._root and not path.startswith(self._inside):
             raise RowProblem(PATH_OUTSIDE_BATCH, f"path {rel!r} points outside the batch")
-        return Path(path)
+        return path
 
 
 def _read_labels_csv(batch_dir: Path) -> tuple[list[LabeledFile], list[str]]:
@@ -186,9 +191,13 @@ def read_batch(batch_dir: Path, extensions: tuple[str, ...]) -> tuple[list[Label
 @dataclass(frozen=True)
 class _Row:
     row: LabeledFile
-    source: Path | None  # None when the path could not be resolved safely
+    where: str | None  # the resolved file; None when the path could not be resolved safely
     sha256: str
     problem: RowProblem | None = None
+
+    @property
+    def source(self) -> Path | None:
+        return None if self.where is None else Path(self.where)
 
 
 def _resolve_row(batch: InsideBatch, row: LabeledFile, cache: FileHashCache) -> _Row:
@@ -197,14 +206,14 @@ def _resolve_row(batch: InsideBatch, row: LabeledFile, cache: FileHashCache) -> 
             row.path.encode("utf-8")
         except UnicodeEncodeError:
             raise RowProblem(BAD_FILENAME, "file name is not valid UTF-8") from None
-        source = batch.resolve(row.path)
-        digest = cache.sha256(source) if source.is_file() else ""
+        where = batch.resolve_str(row.path)
+        digest = cache.sha256(where, info) if (info := regular_file_stat(where)) else ""
     except RowProblem as problem:
         return _Row(row, None, "", problem)
     except OSError as exc:  # a name the file system refuses (too long), or a file it cannot read
         reason = BAD_FILENAME if exc.errno == errno.ENAMETOOLONG else UNREADABLE
         return _Row(row, None, "", RowProblem(reason, f"cannot read the file ({exc.strerror})"))
-    return _Row(row, source, digest)
+    return _Row(row, where, digest)
 
 
 def hash_batch(
