@@ -58,11 +58,16 @@ def seed(ws: Workspace, number: int) -> Path:
     return deliver_batch(ws.root / cfg.ingest.landing_dir, source, number, FIRST_BATCH, NEXT_BATCH)
 
 
+def _filter(url: str, what: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """``POST {url}/{what}/filter``; an error status raises (the progress loop asks again)."""
+    resp = httpx.post(f"{url}/{what}/filter", json=body, timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
 def retrain_runs(url: str, since: float) -> list[dict[str, Any]]:
     body = {"deployments": {"name": {"any_": ["retrain"]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    resp = httpx.post(f"{url}/flow_runs/filter", json=body, timeout=10)
-    resp.raise_for_status()
-    runs = resp.json()
+    runs = _filter(url, "flow_runs", body)
     # Runs the cron schedule created ahead of time stay "Scheduled"; a triggered run shows up
     # at once (possibly "AwaitingConcurrencySlot" behind another retrain).
     return [r for r in runs if r["state_name"] != "Scheduled" and _ts(r["created"]) >= since]
@@ -74,9 +79,7 @@ def _ts(iso: str) -> float:
 
 def task_states(url: str, flow_run_id: str) -> str:
     body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    resp = httpx.post(f"{url}/task_runs/filter", json=body, timeout=10)
-    resp.raise_for_status()
-    runs = resp.json()
+    runs = _filter(url, "task_runs", body)
     return ", ".join(f"{r['name'].rsplit('-', 1)[0] if r['name'].startswith(('ingest', 'register')) else r['name']}: "
                      f"{r['state_name']}" for r in runs)  # fmt: skip
 

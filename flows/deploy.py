@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import serve
@@ -30,11 +30,13 @@ from tasks.common.config import PipelineConfig, load_params
 from tasks.common.errors import PipelineError
 from tasks.common.workspace import Workspace
 
+WATCH_DEPLOYMENT = "watch-landing"
+
 
 def build_deployments(ws: Workspace, cfg: PipelineConfig, interval_s: int | None = None) -> list[RunnerDeployment]:
     workspace = str(ws.root)
     watch = watch_landing.to_deployment(
-        name="watch-landing",
+        name=WATCH_DEPLOYMENT,
         interval=interval_s or cfg.watch.interval_s,
         parameters={"workspace": workspace},
         # A tick that would overlap a running one is dropped: the next tick sees the same disk state.
@@ -160,7 +162,7 @@ def crash_orphaned_runs(deployments: list[str]) -> list[str]:
     return [run.name for run in runs]
 
 
-def drop_missed_ticks(deployment: str = "watch-landing") -> int:
+def drop_missed_ticks(deployment: str = WATCH_DEPLOYMENT) -> int:
     """Delete the watch ticks that fell due while nothing served them, at serve start-up.
 
     The server schedules ticks ahead; after a stop of hours every one of them is late at once,
@@ -169,8 +171,6 @@ def drop_missed_ticks(deployment: str = "watch-landing") -> int:
     the burst keeps the server too busy to answer. One tick finds whatever the missed ones would
     have: the first tick after start-up does.
     """
-    from datetime import datetime
-
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.stages import dvc_stage_env
 from tasks.common.config import load_params
 from tasks.common.dvc import reproduce_inline
 from tasks.common.workspace import Workspace
@@ -52,10 +52,8 @@ def test_an_inline_stage_leaves_the_lock_and_run_cache_entry_that_dvc_repro_leav
     assert not reproduce_inline(root, "prepare", lambda: pytest.fail("an unchanged stage ran"))
 
     shutil.rmtree(root / ".dvc" / "cache" / "runs")
-    # The stage command says ``python``: this interpreter, as flows.stages runs it.
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
     cli = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "--force", "prepare"],
-                         cwd=root, env=env, capture_output=True, text=True)  # fmt: skip
+                         cwd=root, env=dvc_stage_env(), capture_output=True, text=True)  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     assert lock_entry(root, "prepare") == inline_lock
     assert run_cache(root) == inline_runs
