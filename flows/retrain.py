@@ -34,6 +34,7 @@ from flows.stages import (
 )
 from flows.watch import DATASET_EVENT, PIPELINE_LOCK
 from tasks.common.config import load_params
+from tasks.common.dvc import shared_dependency_hashes
 from tasks.common.files import read_json
 from tasks.common.processes import stop_leftover_stage
 from tasks.common.stage import DVC_STAGES
@@ -167,12 +168,13 @@ def _retrain(ws: Workspace, skip_ingest: bool, data_hash: str | None, source: di
         create_markdown_artifact(problems, key="ingest-problems", description="Rejected and quarantined data")
     start = parent(str(ws.root))
     stages = []
-    for stage in DVC_STAGES:
-        try:
-            stages.append(STAGE_TASKS[stage](stage, str(ws.root)))
-        finally:
-            if stage == "validate":
-                publish_validation(ws)
+    with shared_dependency_hashes():  # validate's hashes of data/raw serve prepare too
+        for stage in DVC_STAGES:
+            try:
+                stages.append(STAGE_TASKS[stage](stage, str(ws.root)))
+            finally:
+                if stage == "validate":
+                    publish_validation(ws)
     publish_evaluation(ws)  # the stages succeeded: confusion matrices and most confident mistakes
     push_outputs(str(ws.root))
     reg = register(str(ws.root))

@@ -21,6 +21,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from tasks.common.config import load_params
+from tasks.common.dvc import forget_shared_hashes
 from tasks.common.errors import is_transient
 from tasks.common.files import read_json
 from tasks.common.processes import forget_stage_group, record_stage_group, stop_group, stop_leftover_stage
@@ -149,7 +150,10 @@ def run_dvc_stage(stage: str, workspace: str) -> dict[str, Any]:
     if why is None:
         return run_stage_inline(stage, ws)
     get_run_logger().info("%s: in a process of its own (%s)", stage, why)
-    return run_stage_process(stage, ws)
+    try:
+        return run_stage_process(stage, ws)
+    finally:
+        forget_shared_hashes()  # what it wrote is not known here
 
 
 def isolation_reason(stage: str, ws: Workspace) -> str | None:

@@ -1,5 +1,6 @@
 """reproduce_inline: a stage run through DVC's API in this process leaves the record the
-``dvc repro`` command line leaves, run-cache entry included."""
+``dvc repro`` command line leaves, run-cache entry included, also when the stages of one run
+share their dependency hashes."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import yaml
 
 from flows.stages import dvc_stage_env
 from tasks.common.config import load_params
-from tasks.common.dvc import reproduce_inline
+from tasks.common.dvc import reproduce_inline, shared_dependency_hashes
 from tasks.common.workspace import Workspace
 from tasks.ingest import run_ingest
+from tasks.parent import run_parent
 from tasks.prepare import run_prepare
+from tasks.train import run_train
 from tasks.validate import run_validate
 from tests.helpers import dvc, write_batch
 
@@ -43,8 +46,9 @@ def test_an_inline_stage_leaves_the_lock_and_run_cache_entry_that_dvc_repro_leav
     write_batch(root / "landing" / "batch-001", 60, seed=1)
     assert run_ingest(load_params(ws.params), ws).ingested == ["batch-001"]
 
-    assert reproduce_inline(root, "validate", lambda: run_validate(load_params(ws.params), ws))
-    assert reproduce_inline(root, "prepare", lambda: run_prepare(load_params(ws.params), ws))
+    with shared_dependency_hashes():  # as a retrain runs them: prepare reuses validate's hash of data/raw
+        assert reproduce_inline(root, "validate", lambda: run_validate(load_params(ws.params), ws))
+        assert reproduce_inline(root, "prepare", lambda: run_prepare(load_params(ws.params), ws))
     inline_lock, inline_runs = lock_entry(root, "prepare"), run_cache(root)
     assert len(inline_runs) == 1, inline_runs  # prepare's (validate's outputs are not cached: no entry)
     assert dvc(root, "status", "validate", "prepare").stdout.strip() == "Data and pipelines are up to date."
@@ -57,3 +61,30 @@ def test_an_inline_stage_leaves_the_lock_and_run_cache_entry_that_dvc_repro_leav
     assert cli.returncode == 0, cli.stderr
     assert lock_entry(root, "prepare") == inline_lock
     assert run_cache(root) == inline_runs
+
+
+def test_a_stage_that_rewrites_a_later_stages_dependency_is_not_hidden_by_the_shared_hashes(
+    tmp_path: Path, new_workspace: Callable[..., Path]
+) -> None:
+    """Train hashes data/prepared; prepare then rewrites it in the same block (its params
+    changed): train must see the new data/prepared, run again and record its hash."""
+    root = new_workspace(tmp_path / "ws")
+    ws = Workspace(root)
+    write_batch(root / "landing" / "batch-001", 60, seed=1)
+    assert run_ingest(load_params(ws.params), ws).ingested == ["batch-001"]
+    run_parent(load_params(ws.params), ws)
+
+    def stage(name: str, step: Callable) -> bool:
+        return reproduce_inline(root, name, lambda: step(load_params(ws.params), ws))
+
+    with shared_dependency_hashes():
+        assert stage("validate", run_validate) and stage("prepare", run_prepare) and stage("train", run_train)
+        params = yaml.safe_load(ws.params.read_text())
+        params["prepare"]["split_salt"] = "another-split"
+        ws.params.write_text(yaml.safe_dump(params))
+        assert stage("prepare", run_prepare)
+        assert stage("train", run_train)  # data/prepared changed under it: not the hash it saw before
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    prepared = next(o for o in lock["prepare"]["outs"] if o["path"] == "data/prepared")
+    assert next(d for d in lock["train"]["deps"] if d["path"] == "data/prepared")["md5"] == prepared["md5"]
+    assert dvc(root, "status", "prepare", "train").stdout.strip() == "Data and pipelines are up to date."
