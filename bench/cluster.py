@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flows import cluster  # noqa: E402
-from tasks.common.dvc import run_dvc  # noqa: E402
+from tasks.common.dvc import dvc_add  # noqa: E402
 from tasks.common.workspace import Workspace  # noqa: E402
 from tasks.data.fashion_mnist import deliver_batch, find_source, write_benchmark  # noqa: E402
 
@@ -83,7 +83,7 @@ def landing_workspace(root: Path) -> Workspace:
     git(root, "-c", "user.email=bench@example.invalid", "-c", "user.name=bench", "commit", "-qam", "bench: no cron")
     ws = Workspace(root)
     write_benchmark(ws.benchmark, find_source(ws.cache))
-    run_dvc(["add", "--quiet", "data/benchmark"], ws.root)
+    dvc_add(ws.benchmark, ws.root)
     return ws
 
 

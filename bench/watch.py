@@ -41,7 +41,7 @@ import yaml
 
 from flows.server import healthy
 from tasks.common.config import load_params
-from tasks.common.dvc import run_dvc
+from tasks.common.dvc import dvc_add
 from tasks.common.files import write_json
 from tasks.common.workspace import Workspace
 from tasks.data.benchmark import benchmark_manifest
@@ -155,7 +155,7 @@ def served(root: Path, code: Path, batch: int, interval: int, idle_ticks: int = 
     landing = ws.root / cfg.ingest.landing_dir
     for number in (1, 2):  # the demo's batches: 20,000 then 10,000 images
         deliver_batch(landing, source, number, 20_000, 10_000)
-    run_dvc(["add", "--quiet", str(ws.benchmark.relative_to(ws.root))], ws.root)
+    dvc_add(ws.benchmark, ws.root)
     done_before = run_ingest(cfg, ws)
     # As after the demo: this data was announced (and trained on), so the first ticks find nothing new.
     write_json(ws.cache / "announced.json", {"data_hash": done_before.data_hash})

@@ -29,7 +29,7 @@ import httpx
 
 from flows import server
 from tasks.common.config import load_params
-from tasks.common.dvc import run_dvc
+from tasks.common.dvc import dvc_add
 from tasks.common.errors import PipelineError
 from tasks.common.files import read_json
 from tasks.common.stage import setup_cli_logging
@@ -54,7 +54,7 @@ def seed(ws: Workspace, number: int) -> Path:
     source = find_source(ws.cache)
     if not ws.benchmark.with_suffix(".dvc").is_file():
         write_benchmark(ws.benchmark, source)
-        run_dvc(["add", "--quiet", str(ws.benchmark.relative_to(ws.root))], ws.root)
+        dvc_add(ws.benchmark, ws.root)
     return deliver_batch(ws.root / cfg.ingest.landing_dir, source, number, FIRST_BATCH, NEXT_BATCH)
 
 

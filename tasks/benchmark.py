@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.common.config import PipelineConfig
-from tasks.common.dvc import run_dvc
+from tasks.common.dvc import dvc_add
 from tasks.common.errors import PipelineError
 from tasks.common.workspace import Workspace
 from tasks.data.images import check_image
@@ -128,5 +128,5 @@ def set_benchmark(cfg: PipelineConfig, ws: Workspace, folder: Path, replace: boo
         shutil.copyfile(source, target)
     shutil.rmtree(ws.benchmark, ignore_errors=True)
     staging.rename(ws.benchmark)
-    run_dvc(["add", "--quiet", str(ws.benchmark.relative_to(ws.root))], ws.root)
+    dvc_add(ws.benchmark, ws.root)
     return report

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.config import PipelineConfig, load_params
-from tasks.common.dvc import dvc_data_hash, run_dvc
+from tasks.common.dvc import dvc_add, dvc_data_hash
 from tasks.common.errors import PipelineError
 from tasks.common.files import read_json, write_json
 from tasks.common.stage import run_cli
@@ -115,7 +115,7 @@ def _write(ws: Workspace, decision: StartDecision, stamp_value: str, uri: str | 
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    run_dvc(["add", "--quiet", str(ws.parent.relative_to(ws.root))], ws.root)
+    dvc_add(ws.parent, ws.root)
 
 
 def run_parent(cfg: PipelineConfig, ws: Workspace) -> StartDecision:

@@ -38,10 +38,30 @@ def set_default_remote(cwd: Path, url: str, endpoint: str, name: str = CLUSTER_R
 
 def default_remote(cwd: Path) -> str | None:
     """The remote this machine pushes to (``core.remote`` in .dvc/config or .dvc/config.local),
-    None when there is none (the embedded profile: data stays in the local cache)."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=cwd, capture_output=True, text=True,
-                          check=False)  # fmt: skip
-    return proc.stdout.strip() or None if proc.returncode == 0 else None
+    None when there is none (the embedded profile: data stays in the local cache) or DVC cannot
+    read its configuration. Read in this process, as ``dvc remote default`` reads it."""
+    from dvc.config import Config
+    from dvc.exceptions import DvcException
+
+    try:
+        return Config(dvc_dir=str(cwd / ".dvc"))["core"].get("remote") or None
+    except DvcException:
+        return None
+
+
+def dvc_add(target: Path, root: Path) -> None:
+    """``dvc add --quiet <target>`` through DVC's API in this process: no interpreter and DVC
+    start-up (a second or two of every ingest and retrain)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    where = str(target.relative_to(root))
+    try:
+        with contextlib.chdir(root), Repo(str(root)) as repo:
+            repo.scm_context.quiet = True  # no "to track the changes with git, run: ..." hint
+            repo.add(where)
+    except DvcException as exc:
+        raise PipelineError(f"dvc add {where} failed: {exc}") from exc
 
 
 def push(targets: list[str], cwd: Path) -> None:
