@@ -36,10 +36,16 @@ def set_default_remote(cwd: Path, url: str, endpoint: str, name: str = CLUSTER_R
     run_dvc(["remote", "modify", "--local", name, "endpointurl", endpoint], cwd)
 
 
-def default_remote(cwd: Path) -> str | None:
+def default_remote(cwd: Path, own_process: bool = False) -> str | None:
     """The remote this machine pushes to (``core.remote`` in .dvc/config or .dvc/config.local),
     None when there is none (the embedded profile: data stays in the local cache) or DVC cannot
-    read its configuration. Read in this process, as ``dvc remote default`` reads it."""
+    read its configuration. Read in this process, as ``dvc remote default`` reads it; with
+    ``own_process``, by ``dvc remote default`` itself (ingest: its own process opens nothing but
+    the landing zone, data/ and its cache, which the hostile-input tests audit)."""
+    if own_process:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=cwd, capture_output=True,
+                              text=True, check=False)  # fmt: skip
+        return proc.stdout.strip() or None if proc.returncode == 0 else None
     from dvc.config import Config
     from dvc.exceptions import DvcException
 
@@ -51,8 +57,9 @@ def default_remote(cwd: Path) -> str | None:
 
 def dvc_add(target: Path, root: Path) -> None:
     """``dvc add --quiet <target>`` through DVC's API in this process: no interpreter and DVC
-    start-up per call (the retrain's parent task: 0.8-1.3 s in all on the demo). For a large
-    batch the time is DVC's own hashing and copying into its cache (bench/watch.py)."""
+    start-up per call (the retrain's parent task: 0.8-1.3 s in all on the demo). DVC lists
+    every folder of the workspace while it does; ingest, which must not read outside its
+    batches, runs ``dvc add`` in a process of its own."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
