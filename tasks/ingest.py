@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.config import PipelineConfig, load_params
-from tasks.common.dvc import default_remote, dvc_data_hash, push, run_dvc
+from tasks.common.dvc import default_remote, dvc_add, dvc_data_hash, push
 from tasks.common.files import FileHashCache, spreadsheet_safe, write_json
 from tasks.common.stage import run_cli
 from tasks.common.workspace import Workspace, workspace_lock
@@ -272,7 +272,7 @@ def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
             # In a process of its own, unlike the parent task's add: DVC lists every folder of the
             # workspace, and this process must read nothing outside the batches it ingests (the
             # hostile-input tests audit its opens). In-process was no faster here (README, Measured).
-            run_dvc(["add", "--quiet", str(ws.raw.relative_to(ws.root))], ws.root)
+            dvc_add(ws.raw, ws.root, own_process=True)
             pending.unlink(missing_ok=True)
             (ws.cache / PUSH_PENDING).touch()
         push_data(ws)

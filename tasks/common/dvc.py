@@ -43,9 +43,9 @@ def default_remote(cwd: Path, own_process: bool = False) -> str | None:
     ``own_process``, by ``dvc remote default`` itself (ingest: its own process opens nothing but
     the landing zone, data/ and its cache, which the hostile-input tests audit)."""
     if own_process:
-        proc = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=cwd, capture_output=True,
-                              text=True, check=False)  # fmt: skip
-        return proc.stdout.strip() or None if proc.returncode == 0 else None
+        with contextlib.suppress(PipelineError):
+            return run_dvc(["remote", "default"], cwd).strip() or None
+        return None
     from dvc.config import Config
     from dvc.exceptions import DvcException
 
@@ -55,15 +55,18 @@ def default_remote(cwd: Path, own_process: bool = False) -> str | None:
         return None
 
 
-def dvc_add(target: Path, root: Path) -> None:
+def dvc_add(target: Path, root: Path, own_process: bool = False) -> None:
     """``dvc add --quiet <target>`` through DVC's API in this process: no interpreter and DVC
     start-up per call (the retrain's parent task: 0.8-1.3 s in all on the demo). DVC lists
-    every folder of the workspace while it does; ingest, which must not read outside its
-    batches, runs ``dvc add`` in a process of its own."""
+    every folder of the workspace while it does; with ``own_process`` the command runs in a
+    process of its own (ingest, whose process must not read outside its batches)."""
+    where = str(target.relative_to(root))
+    if own_process:
+        run_dvc(["add", "--quiet", where], root)
+        return
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    where = str(target.relative_to(root))
     try:
         with contextlib.chdir(root), Repo(str(root)) as repo:
             repo.scm_context.quiet = True  # no "to track the changes with git, run: ..." hint

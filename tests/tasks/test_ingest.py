@@ -516,11 +516,11 @@ def test_a_failed_dvc_add_is_retried_on_the_next_run(
     first = run_ingest(cfg, ws)
     write_png(ws.landing / "b2" / "a" / "x.png", seed=42)
 
-    def dvc_down(args: list[str], cwd: Path) -> str:
+    def dvc_down(target: Path, root: Path, own_process: bool = False) -> None:
         raise PipelineError("dvc add failed: simulated")
 
     with monkeypatch.context() as patch:
-        patch.setattr(ingest, "run_dvc", dvc_down)
+        patch.setattr(ingest, "dvc_add", dvc_down)
         with pytest.raises(PipelineError, match="simulated"):
             run_ingest(cfg, ws)
     assert (ws.raw / "b2" / MANIFEST_NAME).is_file()  # copied before dvc add failed
