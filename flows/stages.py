@@ -53,6 +53,9 @@ def ingest(workspace: str) -> dict[str, Any]:
     result = run_ingest(load_params(ws.params), ws)
     logger = get_run_logger()
     logger.info("ingested %s; already present: %s", result.ingested or "nothing new", result.skipped or "none")
+    if result.ingested:
+        steps = ", ".join(f"{name} {s:.1f} s" for name, s in result.seconds.items())
+        logger.info("ingest: %.1f s (%s)", sum(result.seconds.values()), steps)
     for name, counts in result.quarantined.items():
         logger.warning("batch %s: quarantined %s (data/quarantine/%s/)", name, counts, name)
     for name, why in result.rejected.items():

@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -516,7 +518,7 @@ def test_a_failed_dvc_add_is_retried_on_the_next_run(
     first = run_ingest(cfg, ws)
     write_png(ws.landing / "b2" / "a" / "x.png", seed=42)
 
-    def dvc_down(target: Path, root: Path, own_process: bool = False) -> None:
+    def dvc_down(*args: object, **kwargs: object) -> None:
         raise PipelineError("dvc add failed: simulated")
 
     with monkeypatch.context() as patch:
@@ -528,6 +530,99 @@ def test_a_failed_dvc_add_is_retried_on_the_next_run(
     retried = run_ingest(cfg, ws)
 
     assert retried.data_hash != first.data_hash
+    assert_raw_dvc_is_a_full_add(ws)
+
+
+def assert_raw_dvc_is_a_full_add(ws: Workspace) -> None:
+    """data/raw.dvc is byte for byte what ``dvc add data/raw`` writes, and DVC calls it current."""
+    recorded = ws.raw_dvc.read_bytes()
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "add", "--quiet", "data/raw"], cwd=ws.root, check=True, capture_output=True)
+    assert ws.raw_dvc.read_bytes() == recorded
+    status = subprocess.run([*dvc, "status", "--json", "data/raw.dvc"], cwd=ws.root, check=True, capture_output=True)
+    assert json.loads(status.stdout) == {}
+
+
+@pytest.mark.integration
+def test_a_new_batch_is_added_alone_and_the_record_equals_a_full_add(
+    dvc_workspace: Workspace,
+    write_png: Callable[..., Path],
+    make_cfg: Callable[..., PipelineConfig],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ws, cfg = dvc_workspace, make_cfg()
+    landed_batch(ws, "b1", write_png, n=3)
+    added: list[list[str]] = []
+    real_add = ingest.dvc_add
+
+    def spy(targets: list[Path], root: Path, **kwargs: object) -> None:
+        added.append([p.relative_to(root).as_posix() for p in targets])
+        real_add(targets, root, **kwargs)
+
+    monkeypatch.setattr(ingest, "dvc_add", spy)
+    run_ingest(cfg, ws)
+    landed_batch(ws, "b2", write_png, n=4)
+    landed_batch(ws, "b3", write_png, n=2)
+    run_ingest(cfg, ws)
+
+    assert added == [["data/raw"], ["data/raw/b2", "data/raw/b3"]]
+    assert not (ws.cache / ingest.ADD_PENDING).exists()
+    assert_raw_dvc_is_a_full_add(ws)
+    listing = {e["relpath"].split("/")[0] for e in dvc_listing(ws)}
+    assert listing == {"b1", "b2", "b3"}
+
+
+def dvc_listing(ws: Workspace) -> list[dict[str, str]]:
+    """The entries of data/raw.dvc's directory object in the local cache."""
+    md5 = yaml.safe_load(ws.raw_dvc.read_text())["outs"][0]["md5"].removesuffix(".dir")
+    return json.loads((ws.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / f"{md5[2:]}.dir").read_text())
+
+
+@pytest.mark.integration
+def test_without_the_old_listing_in_the_cache_all_of_data_raw_is_added(
+    dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig]
+) -> None:
+    ws, cfg = dvc_workspace, make_cfg()
+    landed_batch(ws, "b1", write_png, n=3)
+    run_ingest(cfg, ws)
+    md5 = yaml.safe_load(ws.raw_dvc.read_text())["outs"][0]["md5"].removesuffix(".dir")
+    (ws.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / f"{md5[2:]}.dir").unlink()  # e.g. after a gc
+    landed_batch(ws, "b2", write_png, n=2)
+
+    run_ingest(cfg, ws)
+
+    assert {e["relpath"].split("/")[0] for e in dvc_listing(ws)} == {"b1", "b2"}  # b1 kept, not dropped
+    assert_raw_dvc_is_a_full_add(ws)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mark", ["", "not json", '{"b2": 1}', '["b2", "gone"]'])
+def test_a_pending_mark_that_names_no_existing_batches_adds_all_of_data_raw(
+    dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig], mark: str
+) -> None:
+    """An empty mark (what ingest wrote before it named the batches), a damaged one, or one naming
+    a folder that is not there: ingest cannot tell what is new, so it adds all of data/raw."""
+    ws, cfg = dvc_workspace, make_cfg()
+    landed_batch(ws, "b1", write_png, n=3)
+    run_ingest(cfg, ws)
+    landed_batch(ws, "b2", write_png, n=2)
+
+    def dvc_down(*args: object, **kwargs: object) -> None:
+        raise PipelineError("dvc add failed: simulated")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(PipelineError, match="simulated"):
+        patch.setattr(ingest, "dvc_add", dvc_down)  # copied, never added: the mark stays
+        run_ingest(cfg, ws)
+    pending = ws.cache / ingest.ADD_PENDING
+    assert read_json(pending) == ["b2"]
+    pending.write_text(mark)
+
+    assert ingest.add_targets(ws, pending) == [ws.raw]
+    run_ingest(cfg, ws)
+
+    assert not pending.exists()
+    assert {e["relpath"].split("/")[0] for e in dvc_listing(ws)} == {"b1", "b2"}
+    assert_raw_dvc_is_a_full_add(ws)
 
 
 def test_check_batch_quarantines_both_rows_of_a_conflict_within_the_batch(
