@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def scratch_workspace(root: Path, code: Path | None = None) -> Workspace:
-    """A git + DVC repository with the params.yaml (and, given ``code``, the pipeline code, as
+    """A git + DVC repository with the params.yaml and .gitignore (and, given ``code``, the pipeline code, as
     ``ctl init`` copies it in) of ``code`` or this checkout; no retrain cron."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -64,11 +64,12 @@ def scratch_workspace(root: Path, code: Path | None = None) -> Workspace:
     params = yaml.safe_load(((code or REPO) / "params.yaml").read_text())
     params["retrain"]["cron"] = None
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # As `ctl init` writes it: git ignores the landing zone and .cache/, and so DVC's walks skip them.
+    shutil.copy((code or REPO) / ".gitignore", root)
     if code is not None:
         shutil.copytree(code / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(code / "gx", root / "gx", ignore=shutil.ignore_patterns("uncommitted"))
-        for name in ("dvc.yaml", ".gitignore"):
-            shutil.copy(code / name, root)
+        shutil.copy(code / "dvc.yaml", root)
     return Workspace(root)
 
 

@@ -265,12 +265,12 @@ def add_batches(ws: Workspace, targets: list[Path]) -> None:
     """``dvc add`` the targets; when DVC cannot update data/raw.dvc's record with the new folders
     alone (its directory listing is gone from the cache), all of data/raw is added instead."""
     try:
-        dvc_add(targets, ws.root, own_process=True, relink=False)
+        dvc_add(targets, ws.root, own_process=True)
     except PipelineError as exc:
         if targets == [ws.raw]:
             raise
         log.warning("adding the new batches to data/raw.dvc failed (%s); adding all of data/raw", exc)
-        dvc_add(ws.raw, ws.root, own_process=True, relink=False)
+        dvc_add(ws.raw, ws.root, own_process=True)
 
 
 #: Marks data added but not yet on the DVC remote (cleared once pushed).

@@ -55,7 +55,7 @@ def default_remote(cwd: Path, own_process: bool = False) -> str | None:
         return None
 
 
-def dvc_add(targets: Path | Sequence[Path], root: Path, own_process: bool = False, relink: bool = True) -> None:
+def dvc_add(targets: Path | Sequence[Path], root: Path, own_process: bool = False) -> None:
     """``dvc add --quiet <targets>`` through DVC's API in this process: no interpreter and DVC
     start-up per call (the retrain's parent task: 0.8-1.3 s in all on the demo). DVC lists
     every folder of the workspace while it does; with ``own_process`` the command runs in a
@@ -63,13 +63,11 @@ def dvc_add(targets: Path | Sequence[Path], root: Path, own_process: bool = Fals
 
     A target inside a directory DVC already tracks (``data/raw/<batch>`` of ``data/raw.dvc``)
     updates that directory's record with this subfolder alone: DVC hashes and caches only its
-    files, and the record equals a ``dvc add`` of the whole directory. ``relink=False`` leaves
-    the workspace files as they are instead of copying them back from the cache (what DVC does
-    for its default link type, copy)."""
+    files, and the record equals a ``dvc add`` of the whole directory."""
     paths = [targets] if isinstance(targets, Path) else list(targets)
     where = [str(p.relative_to(root)) for p in paths]
     if own_process:
-        run_dvc(["add", "--quiet", *([] if relink else ["--no-relink"]), *where], root)
+        run_dvc(["add", "--quiet", *where], root)
         return
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -77,7 +75,7 @@ def dvc_add(targets: Path | Sequence[Path], root: Path, own_process: bool = Fals
     try:
         with contextlib.chdir(root), Repo(str(root)) as repo:
             repo.scm_context.quiet = True  # no "to track the changes with git, run: ..." hint
-            repo.add(where, relink=relink)
+            repo.add(where)
     except DvcException as exc:
         raise PipelineError(f"dvc add {' '.join(where)} failed: {exc}") from exc
 
