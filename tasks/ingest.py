@@ -236,8 +236,12 @@ ADD_PENDING = "dvc-add.pending"
 
 
 def mark_pending(pending: Path, names: list[str]) -> None:
-    """Add ``names`` to the batches waiting for ``dvc add`` (those of an earlier failed run stay)."""
-    write_json(pending, sorted(set(pending_batches(pending) or []) | set(names)))
+    """Add ``names`` to the batches waiting for ``dvc add`` (those of an earlier failed run stay).
+    A mark that names no batches is left as it is: it already means "add all of data/raw"."""
+    if not pending.exists():
+        write_json(pending, sorted(set(names)))
+    elif (waiting := pending_batches(pending)) is not None:
+        write_json(pending, sorted(set(waiting) | set(names)))
 
 
 def pending_batches(pending: Path) -> list[str] | None:
@@ -294,7 +298,7 @@ def push_data(ws: Workspace) -> None:
 
 
 class _Steps:
-    """``with steps("copy"): ...`` adds the block's wall time to ``seconds["copy"]``."""
+    """``with step("copy"): ...`` adds the block's wall time to ``seconds["copy"]``."""
 
     def __init__(self, seconds: dict[str, float]) -> None:
         self.seconds = seconds

@@ -601,7 +601,8 @@ def test_a_pending_mark_that_names_no_existing_batches_adds_all_of_data_raw(
     dvc_workspace: Workspace, write_png: Callable[..., Path], make_cfg: Callable[..., PipelineConfig], mark: str
 ) -> None:
     """An empty mark (what ingest wrote before it named the batches), a damaged one, or one naming
-    a folder that is not there: ingest cannot tell what is new, so it adds all of data/raw."""
+    a folder that is not there: ingest cannot tell what is new, so it adds all of data/raw, also
+    when a new batch lands meanwhile (its name must not make the mark look complete)."""
     ws, cfg = dvc_workspace, make_cfg()
     landed_batch(ws, "b1", write_png, n=3)
     run_ingest(cfg, ws)
@@ -618,10 +619,11 @@ def test_a_pending_mark_that_names_no_existing_batches_adds_all_of_data_raw(
     pending.write_text(mark)
 
     assert ingest.add_targets(ws, pending) == [ws.raw]
-    run_ingest(cfg, ws)
+    landed_batch(ws, "b3", write_png, n=2)
+    assert run_ingest(cfg, ws).ingested == ["b3"]
 
     assert not pending.exists()
-    assert {e["relpath"].split("/")[0] for e in dvc_listing(ws)} == {"b1", "b2"}
+    assert {e["relpath"].split("/")[0] for e in dvc_listing(ws)} == {"b1", "b2", "b3"}
     assert_raw_dvc_is_a_full_add(ws)
 
 
