@@ -74,7 +74,7 @@ def run_fetch(ws: Workspace, data_hash: str, benchmark_hash: str = "", params: s
         ws.benchmark.mkdir(parents=True)
     targets = [str(f.relative_to(ws.root)) for f in (ws.raw_dvc, benchmark_dvc) if f.is_file()]
     try:
-        run_dvc(["pull", "--quiet", "--force", *targets], ws.root)  # data/ here is never edited by hand
+        run_dvc(["pull", "--force", *targets], ws.root)  # data/ here is never edited by hand
     except PipelineError as exc:
         raise RemoteUnavailable(f"could not pull {', '.join(targets)} from the DVC remote: {exc}") from exc
     return Fetched(data_hash, benchmark_hash, changed, round(time.monotonic() - started, 1))

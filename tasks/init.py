@@ -213,7 +213,7 @@ def create_workspace(folder: Path, root: Path, model_name: str | None = None) ->
     if not _has_git_identity(root):
         _git(root, "config", "user.name", "ctl init")
         _git(root, "config", "user.email", "ctl@localhost")
-    run_dvc(["init", "-q"], root)
+    run_dvc(["init"], root)
     run_dvc(["config", "core.analytics", "false"], root)
     _git(root, "add", "-A")
     _git(root, "commit", "-qm", f"ctl init from {folder.name}")

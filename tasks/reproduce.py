@@ -104,13 +104,13 @@ def _data_source(into: Path, source_ws: Workspace) -> str:
     if endpoint:
         url = os.environ.get(REMOTE_URL_ENV, CLUSTER_REMOTE_URL)
         set_default_remote(into, url, endpoint)
-        run_dvc(["pull", "--quiet"], into)
+        run_dvc(["pull"], into)
         return url
     cache = source_ws.root / ".dvc" / "cache"
     if not cache.is_dir():
         raise PipelineError(f"no DVC remote (AWS_ENDPOINT_URL_S3 is not set) and no DVC cache in {source_ws.root}")
     run_dvc(["cache", "dir", "--local", str(cache.resolve())], into)
-    run_dvc(["checkout", "--quiet"], into)
+    run_dvc(["checkout"], into)
     return str(cache)
 
 

@@ -17,10 +17,12 @@ from tasks.common.errors import PipelineError, RemoteUnavailable
 
 
 def run_dvc(args: list[str], cwd: Path) -> str:
+    """``dvc <args>`` in ``cwd``; its output is captured, and a failure raises with DVC's last line
+    (its ``ERROR: ...``). Never pass ``--quiet``: DVC then says nothing at all when it fails."""
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise PipelineError(f"dvc {' '.join(args)} failed: {detail[-1] if detail else proc.returncode}")
+        detail = (proc.stderr or proc.stdout).strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise PipelineError(f"dvc {' '.join(args)} failed: {detail[-1]}")
     return proc.stdout
 
 
@@ -56,7 +58,7 @@ def default_remote(cwd: Path, own_process: bool = False) -> str | None:
 
 
 def dvc_add(targets: Path | Sequence[Path], root: Path, own_process: bool = False) -> None:
-    """``dvc add --quiet <targets>`` through DVC's API in this process: no interpreter and DVC
+    """``dvc add <targets>`` through DVC's API in this process: no interpreter and DVC
     start-up per call (the retrain's parent task: 0.8-1.3 s in all on the demo). DVC lists
     every folder of the workspace while it does; with ``own_process`` the command runs in a
     process of its own (ingest, whose process must not read outside its batches).
@@ -67,7 +69,7 @@ def dvc_add(targets: Path | Sequence[Path], root: Path, own_process: bool = Fals
     paths = [targets] if isinstance(targets, Path) else list(targets)
     where = [str(p.relative_to(root)) for p in paths]
     if own_process:
-        run_dvc(["add", "--quiet", *where], root)
+        run_dvc(["add", *where], root)
         return
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -84,7 +86,7 @@ def push(targets: list[str], cwd: Path) -> None:
     """``dvc push`` of ``targets`` to the default remote. A failure is transient (the store is
     down or unreachable): the caller keeps its pending mark and pushes again on its next run."""
     try:
-        run_dvc(["push", "--quiet", *targets], cwd)
+        run_dvc(["push", *targets], cwd)
     except PipelineError as exc:
         what = ", ".join(targets) or "the data and outputs"
         raise RemoteUnavailable(f"could not push {what} to the DVC remote: {exc}") from exc

@@ -15,7 +15,8 @@ import yaml
 
 from flows.stages import dvc_stage_env
 from tasks.common.config import load_params
-from tasks.common.dvc import reproduce_inline, shared_dependency_hashes
+from tasks.common.dvc import dvc_add, reproduce_inline, shared_dependency_hashes
+from tasks.common.errors import PipelineError
 from tasks.common.workspace import Workspace
 from tasks.ingest import run_ingest
 from tasks.parent import run_parent
@@ -88,3 +89,10 @@ def test_a_stage_that_rewrites_a_later_stages_dependency_is_not_hidden_by_the_sh
     prepared = next(o for o in lock["prepare"]["outs"] if o["path"] == "data/prepared")
     assert next(d for d in lock["train"]["deps"] if d["path"] == "data/prepared")["md5"] == prepared["md5"]
     assert dvc(root, "status", "prepare", "train").stdout.strip() == "Data and pipelines are up to date."
+
+
+@pytest.mark.parametrize("own_process", [True, False])
+def test_a_failed_dvc_command_says_why(dvc_workspace: Workspace, own_process: bool) -> None:
+    """DVC's own reason reaches the error (with --quiet, DVC prints nothing when it fails)."""
+    with pytest.raises(PipelineError, match=r"dvc add data/missing failed: .*does not exist"):
+        dvc_add(dvc_workspace.root / "data" / "missing", dvc_workspace.root, own_process=own_process)
