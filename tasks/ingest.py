@@ -297,32 +297,26 @@ def push_data(ws: Workspace) -> None:
     log.info("pushed %s to the DVC remote", ", ".join(targets))
 
 
-class _Steps:
-    """``with step("copy"): ...`` adds the block's wall time to ``seconds["copy"]``."""
-
-    def __init__(self, seconds: dict[str, float]) -> None:
-        self.seconds = seconds
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 2)
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall time to ``seconds[name]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - started, 2)
 
 
 def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
     landing = (ws.root / cfg.ingest.landing_dir).resolve()
     result = IngestResult()
-    step = _Steps(result.seconds)
     with workspace_lock(ws, "ingest"):
-        with step("hash"):
+        with _timed(result.seconds, "hash"):
             hashed = _hash_landing(landing, cfg, ws, result)
             new, result.skipped, result.repeats = plan_batches(
                 {name: h[1] for name, h in hashed.items()}, ingested_batches(ws.raw)
             )
-        with step("check"):
+        with _timed(result.seconds, "check"):
             checks = _check_new(new, hashed, landing, cfg, ws, result)
         ws.raw.mkdir(parents=True, exist_ok=True)
         ws.benchmark.mkdir(parents=True, exist_ok=True)  # a dvc.yaml dependency, even when left empty
@@ -332,7 +326,7 @@ def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
         pending = ws.cache / ADD_PENDING
         if checks:
             mark_pending(pending, list(checks))
-        with step("copy"):
+        with _timed(result.seconds, "copy"):
             for name, check in checks.items():
                 count = _copy_batch(landing / name, check, hashed[name][1], ws.raw)
                 log.info("ingested batch %s: %d images", name, count)
@@ -341,11 +335,11 @@ def run_ingest(cfg: PipelineConfig, ws: Workspace) -> IngestResult:
             # In a process of its own, unlike the parent task's add: DVC lists every folder of the
             # workspace, and this process must read nothing outside the batches it ingests (the
             # hostile-input tests audit its opens). In-process was no faster here (README, Measured).
-            with step("dvc_add"):
+            with _timed(result.seconds, "dvc_add"):
                 add_batches(ws, add_targets(ws, pending))
             pending.unlink(missing_ok=True)
             (ws.cache / PUSH_PENDING).touch()
-        with step("push"):
+        with _timed(result.seconds, "push"):
             push_data(ws)
         result.data_hash = dvc_data_hash(ws.raw_dvc)
     for name, original in result.repeats.items():

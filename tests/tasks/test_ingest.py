@@ -506,6 +506,10 @@ def test_a_crashed_copy_does_not_count_as_ingested(
     assert ingested_batches(ws.raw) == {}
 
 
+def dvc_down(*args: object, **kwargs: object) -> None:
+    raise PipelineError("dvc add failed: simulated")
+
+
 @pytest.mark.integration
 def test_a_failed_dvc_add_is_retried_on_the_next_run(
     dvc_workspace: Workspace,
@@ -517,9 +521,6 @@ def test_a_failed_dvc_add_is_retried_on_the_next_run(
     landed_batch(ws, "b1", write_png, n=2)
     first = run_ingest(cfg, ws)
     write_png(ws.landing / "b2" / "a" / "x.png", seed=42)
-
-    def dvc_down(*args: object, **kwargs: object) -> None:
-        raise PipelineError("dvc add failed: simulated")
 
     with monkeypatch.context() as patch:
         patch.setattr(ingest, "dvc_add", dvc_down)
@@ -568,14 +569,18 @@ def test_a_new_batch_is_added_alone_and_the_record_equals_a_full_add(
     assert added == [["data/raw"], ["data/raw/b2", "data/raw/b3"]]
     assert not (ws.cache / ingest.ADD_PENDING).exists()
     assert_raw_dvc_is_a_full_add(ws)
-    listing = {e["relpath"].split("/")[0] for e in dvc_listing(ws)}
-    assert listing == {"b1", "b2", "b3"}
+    assert listed_batches(ws) == {"b1", "b2", "b3"}
 
 
-def dvc_listing(ws: Workspace) -> list[dict[str, str]]:
-    """The entries of data/raw.dvc's directory object in the local cache."""
+def dir_object(ws: Workspace) -> Path:
+    """data/raw.dvc's directory object (its listing) in the local cache."""
     md5 = yaml.safe_load(ws.raw_dvc.read_text())["outs"][0]["md5"].removesuffix(".dir")
-    return json.loads((ws.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / f"{md5[2:]}.dir").read_text())
+    return ws.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / f"{md5[2:]}.dir"
+
+
+def listed_batches(ws: Workspace) -> set[str]:
+    """The batch folders data/raw.dvc's listing holds."""
+    return {e["relpath"].split("/")[0] for e in json.loads(dir_object(ws).read_text())}
 
 
 @pytest.mark.integration
@@ -585,13 +590,12 @@ def test_without_the_old_listing_in_the_cache_all_of_data_raw_is_added(
     ws, cfg = dvc_workspace, make_cfg()
     landed_batch(ws, "b1", write_png, n=3)
     run_ingest(cfg, ws)
-    md5 = yaml.safe_load(ws.raw_dvc.read_text())["outs"][0]["md5"].removesuffix(".dir")
-    (ws.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / f"{md5[2:]}.dir").unlink()  # e.g. after a gc
+    dir_object(ws).unlink()  # e.g. after a gc
     landed_batch(ws, "b2", write_png, n=2)
 
     run_ingest(cfg, ws)
 
-    assert {e["relpath"].split("/")[0] for e in dvc_listing(ws)} == {"b1", "b2"}  # b1 kept, not dropped
+    assert listed_batches(ws) == {"b1", "b2"}  # b1 kept, not dropped
     assert_raw_dvc_is_a_full_add(ws)
 
 
@@ -608,9 +612,6 @@ def test_a_pending_mark_that_names_no_existing_batches_adds_all_of_data_raw(
     run_ingest(cfg, ws)
     landed_batch(ws, "b2", write_png, n=2)
 
-    def dvc_down(*args: object, **kwargs: object) -> None:
-        raise PipelineError("dvc add failed: simulated")
-
     with pytest.MonkeyPatch.context() as patch, pytest.raises(PipelineError, match="simulated"):
         patch.setattr(ingest, "dvc_add", dvc_down)  # copied, never added: the mark stays
         run_ingest(cfg, ws)
@@ -623,7 +624,7 @@ def test_a_pending_mark_that_names_no_existing_batches_adds_all_of_data_raw(
     assert run_ingest(cfg, ws).ingested == ["b3"]
 
     assert not pending.exists()
-    assert {e["relpath"].split("/")[0] for e in dvc_listing(ws)} == {"b1", "b2", "b3"}
+    assert listed_batches(ws) == {"b1", "b2", "b3"}
     assert_raw_dvc_is_a_full_add(ws)
 
 
