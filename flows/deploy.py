@@ -24,13 +24,11 @@ from prefect.events import DeploymentEventTrigger
 
 from flows.predict import predict_folder
 from flows.retrain import retrain
-from flows.watch import DATASET_EVENT, dataset_resource_id, watch_landing
+from flows.watch import DATASET_EVENT, WATCH_DEPLOYMENT, dataset_resource_id, watch_landing
 from flows.worker import HEARTBEAT_S, POLL_S
 from tasks.common.config import PipelineConfig, load_params
 from tasks.common.errors import PipelineError
 from tasks.common.workspace import Workspace
-
-WATCH_DEPLOYMENT = "watch-landing"
 
 
 def build_deployments(ws: Workspace, cfg: PipelineConfig, interval_s: int | None = None) -> list[RunnerDeployment]:

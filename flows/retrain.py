@@ -32,7 +32,7 @@ from flows.stages import (
     register,
     trained_version,
 )
-from flows.watch import DATASET_EVENT, PIPELINE_LOCK
+from flows.watch import DATASET_EVENT, PIPELINE_LOCK, ticks_paused
 from tasks.common.config import load_params
 from tasks.common.dvc import shared_dependency_hashes
 from tasks.common.files import read_json
@@ -125,8 +125,9 @@ def retrain(
         if not data_hash:
             get_run_logger().info("no %s event on the server: no data to fetch, nothing to train", DATASET_EVENT)
             return {"ingest": None, "stages": [], "register": None, "decision": None, "skipped": "no data announced"}
-    # One retrain per workspace (watch ticks skip meanwhile); the steps' own logs go to this run's log.
-    with project_logs_to_run(), workspace_lock(ws, PIPELINE_LOCK):
+    # One retrain per workspace; the watch's ticks, which could only find it busy, are not started
+    # meanwhile. The steps' own logs go to this run's log.
+    with project_logs_to_run(), workspace_lock(ws, PIPELINE_LOCK), ticks_paused(ws):
         stop_leftover_stage(ws)  # a run killed outright may have left its DVC stage running
         return _retrain(ws, skip_ingest, data_hash, source)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,12 @@ from tasks.fetch import params_sha256
 
 DATASET_EVENT = "dataset.updated"
 PIPELINE_LOCK = "pipeline"
+WATCH_DEPLOYMENT = "watch-landing"
+#: How long a retrain waits for a running tick to end before it goes on with ticks not paused.
+TICK_WAIT_S = 30
+#: The paused ticks' slot is leased for this long and renewed while the retrain runs; after a
+#: kill -9 the server frees it within this plus its repossessor loop (15 s). Prefect's minimum.
+PAUSE_LEASE_S = 60
 
 
 def dataset_resource_id(ws: Workspace) -> str:
@@ -45,6 +53,60 @@ def needs_announcement(ws: Workspace, data_hash: str | None) -> bool:
         return False
     path = announced_path(ws)
     return not path.is_file() or read_json(path).get("data_hash") != data_hash
+
+
+@contextmanager
+def ticks_paused(ws: Workspace) -> Iterator[bool]:
+    """Hold the ``watch-landing`` deployment's concurrency slot while a retrain holds ``ws``.
+
+    A tick then could only find the workspace busy, yet it would still cost a process (Python,
+    Prefect and this project imported: 3.5-5 CPU seconds) and the server's work for a flow run,
+    taken from the training beside it. Holding the slot, the server cancels each tick due
+    meanwhile ("Deployment concurrency limit reached.") before any process starts.
+
+    Only for the watch that serves this same workspace (``make up``, the embedded profile), whose
+    deployment has a concurrency limit; anywhere else (no server, a worker's checkout, the
+    cluster profile's watch without a limit) nothing is held. Yields whether ticks are paused.
+    The slot is an optimisation only: failing to take or renew it leaves the ticks running."""
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.concurrency.sync import concurrency
+    from prefect.context import FlowRunContext
+
+    logger = get_run_logger()
+    with ExitStack() as stack:
+        paused = False
+        if name := _watch_slot(ws, logger):
+            run = FlowRunContext.get()
+            holder = ConcurrencyLeaseHolder(type="flow_run", id=run.flow_run.id) if run and run.flow_run else None
+            try:
+                stack.enter_context(concurrency(
+                    name, occupy=1, timeout_seconds=TICK_WAIT_S, lease_duration=PAUSE_LEASE_S, strict=True,
+                    holder=holder, raise_on_lease_renewal_failure=False,
+                ))  # fmt: skip
+                paused = True
+                logger.info("watch ticks paused while this run holds the workspace (the server cancels them)")
+            except Exception as exc:  # a tick still running after TICK_WAIT_S, a server error
+                logger.info("watch ticks not paused during this run: %s", str(exc) or type(exc).__name__)
+        yield paused
+
+
+def _watch_slot(ws: Workspace, logger: Any) -> str | None:
+    """The name of the concurrency limit of the watch deployment serving ``ws``, if there is one."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name(f"{WATCH_DEPLOYMENT}/{WATCH_DEPLOYMENT}")
+    except ObjectNotFound:
+        return None
+    except Exception as exc:  # no server to ask: nothing to pause
+        logger.info("watch ticks not paused: %s", exc)
+        return None
+    limit = deployment.global_concurrency_limit
+    if limit is None or (deployment.parameters or {}).get("workspace") != str(ws.root):
+        return None
+    return limit.name
 
 
 def reported_invalid_path(ws: Workspace) -> Path:

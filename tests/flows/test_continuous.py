@@ -168,6 +168,28 @@ def test_new_batch_triggers_a_retrain_that_registers_a_model(served: dict) -> No
     print(f"latency from landing to retrain start: {started - landed:.1f} s (watch interval {WATCH_INTERVAL_S} s)")
 
 
+def test_watch_ticks_do_not_start_while_a_retrain_holds_the_workspace(served: dict) -> None:
+    """The retrain holds the watch deployment's concurrency slot, so each tick due meanwhile is
+    cancelled by the server before any process starts (it could only find the workspace busy)."""
+    url = served["url"]
+    retrain = wait_for(lambda: next((r for r in flow_runs(url, "retrain") if r["end_time"]), None), 600,
+                       "a finished retrain (the first test's)")  # fmt: skip
+    start, end = _epoch(retrain["start_time"]), _epoch(retrain["end_time"])
+    # The runner proposes a tick up to 10 s before it is due, and the retrain takes the slot just
+    # after it starts (at most once a running tick ended): ticks due in between may still run.
+    settled = start + 10 + 2 * WATCH_INTERVAL_S
+    during = [r for r in flow_runs(url, "watch-landing") if settled < _epoch(r["expected_start_time"]) < end]
+    assert during, f"no tick fell due during the retrain ({end - start:.0f} s long)"
+    assert {r["state_type"] for r in during} == {"CANCELLED"}, [(r["name"], r["state_name"]) for r in during]
+    assert all("concurrency limit" in (r["state"]["message"] or "") for r in during)
+    body = {"logs": {"flow_run_id": {"any_": [retrain["id"]]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+    assert any("watch ticks paused" in entry["message"] for entry in api("POST", f"{url}/logs/filter", json=body))
+    # After the retrain, ticks run again.
+    wait_for(lambda: [r for r in flow_runs(url, "watch-landing")
+                      if r["state_type"] == "COMPLETED" and _epoch(r["expected_start_time"]) > end + WATCH_INTERVAL_S],
+             60, "a completed tick after the retrain")  # fmt: skip
+
+
 def test_same_content_again_starts_no_retrain(served: dict) -> None:
     ws, url = served["ws"], served["url"]
     before = len(flow_runs(url, "retrain"))
