@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ from prefect.events import DeploymentEventTrigger
 
 from flows.predict import predict_folder
 from flows.retrain import retrain
-from flows.watch import DATASET_EVENT, WATCH_DEPLOYMENT, dataset_resource_id, watch_landing
+from flows.watch import DATASET_EVENT, WATCH_DEPLOYMENT, dataset_resource_id, free_watch_slot, watch_landing
 from flows.worker import HEARTBEAT_S, POLL_S
 from tasks.common.config import PipelineConfig, load_params
 from tasks.common.errors import PipelineError
@@ -197,6 +198,27 @@ def drop_missed_ticks(deployment: str = WATCH_DEPLOYMENT) -> int:
     return dropped
 
 
+def free_stale_tick_slot(deployment: str = WATCH_DEPLOYMENT) -> int:
+    """Free the watch deployment's concurrency slot at serve start-up; the slots that were taken.
+
+    Nothing of this workspace's can hold it now (only this process serves the deployments), but
+    the count may say otherwise: the embedded server keeps leases in memory, so a retrain (or a
+    tick) that held the slot when the services stopped left it taken, and every tick would be
+    cancelled from then on."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_deployment_by_name(f"{watch_landing.name}/{deployment}").global_concurrency_limit
+        except ObjectNotFound:  # first start
+            return 0
+    if limit is None or limit.active_slots == 0:
+        return 0
+    free_watch_slot(limit.name, logging.getLogger(__name__))
+    return limit.active_slots
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the watch-landing and retrain deployments.")
     parser.add_argument("--workspace", default=".", help="the git + DVC repository (default: .)")
@@ -211,6 +233,8 @@ def main() -> None:
     deployments = build_deployments(ws, load_params(ws.params), args.interval)
     if orphans := crash_orphaned_runs([d.name for d in deployments]):
         print(f"marked orphaned runs as crashed: {', '.join(orphans)}")
+    if taken := free_stale_tick_slot():
+        print(f"freed the watch ticks' concurrency slot ({taken} taken by runs that ended with the services)")
     if missed := drop_missed_ticks():
         print(f"dropped {missed} watch tick(s) that fell due while nothing served them")
     serve(*deployments, query_seconds=POLL_S)

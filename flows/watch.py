@@ -67,30 +67,44 @@ def ticks_paused(ws: Workspace) -> Iterator[bool]:
     Only for the watch that serves this same workspace (``make up``, the embedded profile), whose
     deployment has a concurrency limit; anywhere else (no server, a worker's checkout, the
     cluster profile's watch without a limit) nothing is held. Yields whether ticks are paused.
-    The slot is an optimisation only: failing to take or renew it leaves the ticks running."""
+    The slot is an optimisation only: failing to take or renew it leaves the ticks running.
+
+    The embedded server keeps leases in memory: one restarted while the slot is held forgets the
+    lease but not the count, and no tick would run again. So the slot is also set free on the way
+    out (``free_watch_slot``), and at serve start-up (flows/deploy.py)."""
     from prefect.client.schemas.objects import ConcurrencyLeaseHolder
     from prefect.concurrency.sync import concurrency
     from prefect.context import FlowRunContext
 
     logger = get_run_logger()
-    with ExitStack() as stack:
-        paused = False
-        if name := _watch_slot(ws, logger):
-            run = FlowRunContext.get()
-            holder = ConcurrencyLeaseHolder(type="flow_run", id=run.flow_run.id) if run and run.flow_run else None
-            try:
-                stack.enter_context(concurrency(
-                    name, occupy=1, timeout_seconds=TICK_WAIT_S, lease_duration=PAUSE_LEASE_S, strict=True,
-                    holder=holder, raise_on_lease_renewal_failure=False,
-                ))  # fmt: skip
-                paused = True
-                logger.info("watch ticks paused while this run holds the workspace (the server cancels them)")
-            except Exception as exc:  # a tick still running after TICK_WAIT_S, a server error
-                logger.info("watch ticks not paused during this run: %s", str(exc) or type(exc).__name__)
+    name = watch_slot(ws, logger)
+    if name is None:
+        yield False
+        return
+    run = FlowRunContext.get()
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=run.flow_run.id) if run and run.flow_run else None
+    paused, stack = False, ExitStack()
+    try:
+        stack.enter_context(concurrency(
+            name, occupy=1, timeout_seconds=TICK_WAIT_S, lease_duration=PAUSE_LEASE_S, strict=True, holder=holder,
+            raise_on_lease_renewal_failure=False,
+        ))  # fmt: skip
+        paused = True
+        logger.info("watch ticks paused while this run holds the workspace (the server cancels them)")
+    except Exception as exc:  # a tick still running after TICK_WAIT_S, a server error
+        logger.info("watch ticks not paused during this run: %s", str(exc) or type(exc).__name__)
+    try:
         yield paused
+    finally:
+        try:
+            stack.close()  # releases the lease
+        except Exception as exc:  # the server is down: never a reason to fail the run
+            logger.warning("the watch ticks' lease was not released: %s", exc)
+        if paused:
+            free_watch_slot(name, logger)
 
 
-def _watch_slot(ws: Workspace, logger: Any) -> str | None:
+def watch_slot(ws: Workspace, logger: Any) -> str | None:
     """The name of the concurrency limit of the watch deployment serving ``ws``, if there is one."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -107,6 +121,19 @@ def _watch_slot(ws: Workspace, logger: Any) -> str | None:
     if limit is None or (deployment.parameters or {}).get("workspace") != str(ws.root):
         return None
     return limit.name
+
+
+def free_watch_slot(name: str, logger: Any) -> None:
+    """Set the watch's concurrency limit to no slot taken. Harmless if a tick has just taken it:
+    a second tick would find the workspace locked and end at once."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+    except Exception as exc:  # the server is down: serve start-up frees it
+        logger.warning("could not free the watch ticks' slot %s (%s); `ctl up` frees it", name, exc)
 
 
 def reported_invalid_path(ws: Workspace) -> Path:

@@ -231,6 +231,26 @@ def test_serve_restart_marks_orphaned_runs_crashed(served: dict) -> None:
     assert "orphaned" in after["state"]["message"]
 
 
+def test_serve_start_frees_the_watch_ticks_slot_left_taken(served: dict) -> None:
+    """The embedded server keeps concurrency leases in memory: stopped while a retrain held the
+    watch's slot, it comes back with the slot taken and no lease to expire, and every tick would be
+    cancelled. Serve start-up sets it free."""
+    url = served["url"]
+    watch = api("GET", f"{url}/deployments/name/watch-landing/watch-landing")
+    # A deployment of the watch flow that no process serves, so no tick takes or frees the slot meanwhile.
+    unserved = api("POST", f"{url}/deployments/", json={"name": "watch-stale-slot", "flow_id": watch["flow_id"],
+                                                          "concurrency_limit": 1})  # fmt: skip
+    limit = api("GET", f"{url}/deployments/{unserved['id']}")["global_concurrency_limit"]
+    api("PATCH", f"{url}/v2/concurrency_limits/{limit['id']}", json={"active_slots": 1})
+    code = "from flows.deploy import free_stale_tick_slot; print(free_stale_tick_slot('watch-stale-slot'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PREFECT_API_URL": url},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "1"
+    assert api("GET", f"{url}/v2/concurrency_limits/{limit['id']}")["active_slots"] == 0
+    api("DELETE", f"{url}/deployments/{unserved['id']}")
+
+
 def test_serve_start_drops_the_watch_ticks_missed_while_nothing_served(served: dict) -> None:
     """Ticks that fell due while the services were down are deleted at serve start-up instead
     of being submitted all at once; a tick still ahead is kept. The ticks belong to a deployment
