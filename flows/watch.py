@@ -111,7 +111,7 @@ def watch_slot(ws: Workspace, logger: Any) -> str | None:
 
     try:
         with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name(f"{WATCH_DEPLOYMENT}/{WATCH_DEPLOYMENT}")
+            deployment = client.read_deployment_by_name(f"{watch_landing.name}/{WATCH_DEPLOYMENT}")
     except ObjectNotFound:
         return None
     except Exception as exc:  # no server to ask: nothing to pause
