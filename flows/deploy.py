@@ -25,7 +25,14 @@ from prefect.events import DeploymentEventTrigger
 
 from flows.predict import predict_folder
 from flows.retrain import retrain
-from flows.watch import DATASET_EVENT, WATCH_DEPLOYMENT, dataset_resource_id, free_watch_slot, watch_landing
+from flows.watch import (
+    DATASET_EVENT,
+    WATCH_DEPLOYMENT,
+    dataset_resource_id,
+    free_watch_slot,
+    read_watch_deployment,
+    watch_landing,
+)
 from flows.worker import HEARTBEAT_S, POLL_S
 from tasks.common.config import PipelineConfig, load_params
 from tasks.common.errors import PipelineError
@@ -199,24 +206,18 @@ def drop_missed_ticks(deployment: str = WATCH_DEPLOYMENT) -> int:
 
 
 def free_stale_tick_slot(deployment: str = WATCH_DEPLOYMENT) -> int:
-    """Free the watch deployment's concurrency slot at serve start-up; the slots that were taken.
+    """Free the watch deployment's concurrency slot at serve start-up; the slots it freed (0: none
+    were taken, or the server refused).
 
     Nothing of this workspace's can hold it now (only this process serves the deployments), but
     the count may say otherwise: the embedded server keeps leases in memory, so a retrain (or a
     tick) that held the slot when the services stopped left it taken, and every tick would be
     cancelled from then on."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_deployment_by_name(f"{watch_landing.name}/{deployment}").global_concurrency_limit
-        except ObjectNotFound:  # first start
-            return 0
+    found = read_watch_deployment(deployment)
+    limit = found.global_concurrency_limit if found else None
     if limit is None or limit.active_slots == 0:
         return 0
-    free_watch_slot(limit.name, logging.getLogger(__name__))
-    return limit.active_slots
+    return limit.active_slots if free_watch_slot(limit.name, logging.getLogger(__name__)) else 0
 
 
 def main() -> None:

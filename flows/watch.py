@@ -104,28 +104,35 @@ def ticks_paused(ws: Workspace) -> Iterator[bool]:
             free_watch_slot(name, logger)
 
 
-def watch_slot(ws: Workspace, logger: Any) -> str | None:
-    """The name of the concurrency limit of the watch deployment serving ``ws``, if there is one."""
+def read_watch_deployment(deployment: str = WATCH_DEPLOYMENT) -> Any | None:
+    """The watch flow's deployment of that name as the server has it; None when there is none."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(f"{watch_landing.name}/{deployment}")
+        except ObjectNotFound:
+            return None
+
+
+def watch_slot(ws: Workspace, logger: Any) -> str | None:
+    """The name of the concurrency limit of the watch deployment serving ``ws``, if there is one."""
     try:
-        with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name(f"{watch_landing.name}/{WATCH_DEPLOYMENT}")
-    except ObjectNotFound:
-        return None
+        deployment = read_watch_deployment()
     except Exception as exc:  # no server to ask: nothing to pause
         logger.info("watch ticks not paused: %s", exc)
         return None
-    limit = deployment.global_concurrency_limit
-    if limit is None or (deployment.parameters or {}).get("workspace") != str(ws.root):
+    if deployment is None or deployment.global_concurrency_limit is None:
         return None
-    return limit.name
+    if (deployment.parameters or {}).get("workspace") != str(ws.root):
+        return None
+    return deployment.global_concurrency_limit.name
 
 
-def free_watch_slot(name: str, logger: Any) -> None:
-    """Set the watch's concurrency limit to no slot taken. Harmless if a tick has just taken it:
-    a second tick would find the workspace locked and end at once."""
+def free_watch_slot(name: str, logger: Any) -> bool:
+    """Set the watch's concurrency limit to no slot taken; whether the server did. Harmless if a
+    tick has just taken it: a second tick would find the workspace locked and end at once."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
@@ -134,6 +141,8 @@ def free_watch_slot(name: str, logger: Any) -> None:
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
     except Exception as exc:  # the server is down: serve start-up frees it
         logger.warning("could not free the watch ticks' slot %s (%s); `ctl up` frees it", name, exc)
+        return False
+    return True
 
 
 def reported_invalid_path(ws: Workspace) -> Path:
